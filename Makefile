@@ -1,0 +1,48 @@
+# `make demo` and `make test` each work on a fresh machine with python3 >= 3.10.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(abspath $(VENV))/bin/python
+PIP := $(PY) -m pip
+# torch comes first so that a build can be chosen; on a CPU-only machine, for example:
+#   make test TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch
+BUILD := .build
+DEMO_DIR ?= demo
+DEMO_PROJECT := $(DEMO_DIR)/rbkl-project
+TEMPLATE_FILES := $(shell find cookiecutter.json template -type f -not -path '*/__pycache__/*')
+
+.PHONY: install test demo lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+# Installs the default bake's dependencies (and dev tools) into the venv.
+$(VENV)/.installed: $(PY) $(TEMPLATE_FILES)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH)
+	$(PIP) install "cookiecutter>=2.6"
+	rm -rf $(BUILD)/deps
+	$(PY) -m cookiecutter . --no-input --output-dir $(BUILD)/deps
+	$(PIP) install "$(BUILD)/deps/rbkl-project[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest tests
+
+lint: install
+	$(PY) -m ruff check tests template/hooks
+
+demo: install
+	rm -rf $(DEMO_DIR)
+	$(PY) -m cookiecutter . --no-input --output-dir $(DEMO_DIR)
+	$(PIP) install --no-deps -e $(DEMO_PROJECT)
+	cd $(DEMO_PROJECT) && $(PY) train.py fit --config configs/default.yaml
+	@echo
+	@echo "Demo project:  $(DEMO_PROJECT)"
+	@echo "Metrics:       $$(ls -d $(DEMO_PROJECT)/logs/*/version_*/metrics.csv 2>/dev/null | tail -n 1)"
+	@echo "Plots:         $$(ls -d $(DEMO_PROJECT)/logs/*/version_*/plots 2>/dev/null | tail -n 1)"
+
+clean:
+	rm -rf $(BUILD) $(DEMO_DIR)

@@ -1,0 +1,122 @@
+"""Tests of the template itself: bake it, inspect the result, run the baked project's tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cookiecutter.main import cookiecutter
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE_PROJECT = ROOT / "template" / "{{cookiecutter.project_slug}}"
+BINARY_SUFFIXES = {".png"}
+CUSTOM = {
+    "project_name": 'Jane\'s "Quoted" KL Study',
+    "project_slug": "kl-study",
+    "package_name": "kl_study",
+}
+
+
+def bake(output_dir: Path, **context: str) -> Path:
+    return Path(cookiecutter(str(ROOT), no_input=True, output_dir=str(output_dir), extra_context=context))
+
+
+def files_of(folder: Path) -> set[str]:
+    skip = {"__pycache__", ".pytest_cache", ".ruff_cache"}
+    return {
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and not skip.intersection(p.relative_to(folder).parts)
+    }
+
+
+def expected_files(package: str) -> set[str]:
+    return {f.replace("{{cookiecutter.package_name}}", package) for f in files_of(TEMPLATE_PROJECT)}
+
+
+def run(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def default_bake(tmp_path_factory) -> Path:
+    return bake(tmp_path_factory.mktemp("default"))
+
+
+@pytest.fixture(scope="module")
+def custom_bake(tmp_path_factory) -> Path:
+    return bake(tmp_path_factory.mktemp("custom"), **CUSTOM)
+
+
+def test_default_bake_has_the_expected_files(default_bake):
+    assert default_bake.name == "rbkl-project"
+    assert files_of(default_bake) == expected_files("rbkl_project")
+    for required in ("README.md", "pyproject.toml", "train.py", "configs/default.yaml",
+                     "src/rbkl_project/estimators.py", "tests/test_estimators.py"):
+        assert (default_bake / required).is_file(), required
+
+
+def test_custom_names_reach_every_file(custom_bake):
+    assert custom_bake.name == "kl-study"
+    assert files_of(custom_bake) == expected_files("kl_study")
+    assert 'name = "kl-study"' in (custom_bake / "pyproject.toml").read_text()
+    assert CUSTOM["project_name"] in (custom_bake / "README.md").read_text()
+    assert "from kl_study." in (custom_bake / "tests" / "test_estimators.py").read_text()
+
+
+@pytest.mark.parametrize("which", ["default_bake", "custom_bake"])
+def test_no_template_syntax_survives(which, request):
+    project = request.getfixturevalue(which)
+    for path in project.rglob("*"):
+        if path.is_file() and path.suffix not in BINARY_SUFFIXES:
+            text = path.read_text()
+            for marker in ("{{", "{%", "cookiecutter."):
+                assert marker not in text, f"{marker!r} left in {path.relative_to(project)}"
+
+
+@pytest.mark.parametrize("which", ["default_bake", "custom_bake"])
+def test_baked_code_passes_ruff(which, request):
+    project = request.getfixturevalue(which)
+    result = run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], project, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_baked_project_tests_pass(default_bake):
+    result = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], default_bake, timeout=1800)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+def test_custom_bake_fast_tests_pass(custom_bake):
+    result = run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider"], custom_bake, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "context, message",
+    [
+        ({"package_name": "torch"}, "would shadow the dependency"),
+        ({"package_name": "lightning"}, "would shadow the dependency"),
+        ({"package_name": "class"}, "is a Python keyword"),
+        ({"package_name": "1st_try"}, "not a valid Python identifier"),
+        ({"package_name": "bad-name"}, "not a valid Python identifier"),
+        ({"package_name": 'x"; import os; os.system("touch pwned"); y="'}, "not a valid Python identifier"),
+        ({"project_slug": "Bad Slug!"}, "project_slug 'Bad Slug!' is not valid"),
+    ],
+)
+def test_invalid_names_are_refused_with_the_hook_message(tmp_path, context, message):
+    args = [f"{k}={v}" for k, v in context.items()]
+    result = run(
+        [sys.executable, "-m", "cookiecutter", str(ROOT), "--no-input", "-o", str(tmp_path / "out"), *args],
+        tmp_path,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not any((tmp_path / "out").glob("*")), "a refused bake must leave nothing behind"
+    assert not (tmp_path / "pwned").exists()
