@@ -148,6 +148,11 @@ def all_kl_values(stats: TokenStats, mask: Tensor) -> dict[str, Tensor]:
     return values
 
 
+def kl_to_go(kl: Tensor) -> Tensor:
+    """[B, T] -> [B, T]: the KL still to come after each position, sum_{t > s} KL_t."""
+    return kl.flip(-1).cumsum(-1).flip(-1) - kl
+
+
 def kl_surrogate(stats: TokenStats, mask: Tensor, estimator: str, *, baseline: Tensor | None = None) -> Tensor:
     """Per-sample surrogate [B] whose gradient, averaged over y ~ p, is grad KL(p || q).
 
@@ -162,9 +167,7 @@ def kl_surrogate(stats: TokenStats, mask: Tensor, estimator: str, *, baseline: T
     if estimator == "mc":
         weight = (stats.logp - stats.logq).detach().sum(-1, keepdim=True)  # [B, 1]
     else:
-        kl = stats.kl.detach()
-        # KL still to come after position s: reverse cumulative sum, excluding s itself.
-        weight = kl.flip(-1).cumsum(-1).flip(-1) - kl  # [B, T]
+        weight = kl_to_go(stats.kl.detach())  # [B, T]
     if baseline is not None:
         b = baseline.detach()
         weight = weight - (b.unsqueeze(-1) if b.dim() == 1 else b)

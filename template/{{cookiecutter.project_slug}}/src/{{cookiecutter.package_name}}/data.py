@@ -1,0 +1,137 @@
+"""Prompts: built-in (offline), a local .jsonl/.txt file, or a Hugging Face dataset (IMDB).
+
+Batches are lists of prompt strings; the module tokenizes them with the policy's tokenizer.
+Validation prompts are fixed and never drawn from the training prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from .vocabulary import TRAIN_PROMPTS, VAL_PROMPTS
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line of a .txt file, or per object of a .jsonl file ("prompt" or "text" key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ValueError(f"prompt file {path} must be .txt (one prompt a line) or .jsonl")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".txt":
+            prompts.append(line.strip())
+            continue
+        try:
+            record = json.loads(line)
+            prompts.append(str(record["prompt"] if "prompt" in record else record["text"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{number}: expected a JSON object with a 'prompt' or 'text' key") from err
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+class PromptDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        source: Literal["builtin", "file", "hf"] = "builtin",
+        train_path: str | None = None,
+        val_path: str | None = None,
+        hf_dataset: str = "stanfordnlp/imdb",
+        hf_text_field: str = "text",
+        hf_tokenizer: str | None = None,
+        prompt_tokens: tuple[int, int] = (2, 8),
+        max_train_prompts: int | None = None,
+        num_val_prompts: int = 16,
+        epoch_repeats: int = 1,
+        batch_size: int = 8,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            source: "builtin" (offline prompts), "file" (train_path/val_path) or "hf" (a hub dataset).
+            train_path: .txt or .jsonl file of training prompts (source "file").
+            val_path: file of validation prompts; without it the last num_val_prompts of train_path are held out.
+            hf_dataset: dataset name on the hub (source "hf"); its "train" split trains, "test" validates.
+            hf_text_field: the dataset column that holds the text.
+            hf_tokenizer: tokenizer that cuts hub texts into prompts (the policy's, e.g. lvwerra/gpt2-imdb).
+            prompt_tokens: hub texts are cut to their first n tokens, n uniform in this inclusive range.
+            max_train_prompts: keep at most this many training prompts (None: all).
+            num_val_prompts: number of fixed validation prompts.
+            epoch_repeats: one epoch goes over the training prompts this many times (for small prompt sets).
+            batch_size: prompts per device per step; each is sampled samples_per_prompt times.
+            seed: seed for cutting and subsampling hub texts.
+        """
+        super().__init__()
+        if batch_size < 1 or epoch_repeats < 1:
+            raise ValueError(f"batch_size and epoch_repeats must be >= 1, got {batch_size} and {epoch_repeats}")
+        lo, hi = prompt_tokens
+        if not 1 <= lo <= hi:
+            raise ValueError(f"prompt_tokens must be (min, max) with 1 <= min <= max, got {prompt_tokens}")
+        self.save_hyperparameters()
+        self.train_prompts: list[str] = []
+        self.val_prompts: list[str] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_prompts:
+            return
+        h = self.hparams
+        if h.source == "builtin":
+            train, val = list(TRAIN_PROMPTS), list(VAL_PROMPTS)
+        elif h.source == "file":
+            if not h.train_path:
+                raise ValueError("source 'file' needs data.train_path")
+            train = read_prompts(h.train_path)
+            if h.val_path:
+                val = read_prompts(h.val_path)
+            elif len(train) > h.num_val_prompts:
+                train, val = train[: -h.num_val_prompts], train[-h.num_val_prompts :]
+            else:
+                raise ValueError(
+                    f"{h.train_path} has {len(train)} prompts: too few to hold out {h.num_val_prompts} "
+                    "for validation; give data.val_path or lower data.num_val_prompts"
+                )
+        else:
+            train, val = self._hub_prompts("train"), self._hub_prompts("test")
+        if h.max_train_prompts is not None:
+            train = train[: h.max_train_prompts]
+        val = val[: h.num_val_prompts]
+        if not train or not val:
+            raise ValueError(f"prompt source {h.source!r} gave {len(train)} training and {len(val)} validation prompts")
+        self.train_prompts, self.val_prompts = train, val
+
+    def _hub_prompts(self, split: str) -> list[str]:
+        from datasets import load_dataset  # optional dependency: pip install ".[hub]"
+        from transformers import AutoTokenizer
+
+        h = self.hparams
+        if not h.hf_tokenizer:
+            raise ValueError("source 'hf' needs data.hf_tokenizer to cut texts into prompts")
+        tokenizer = AutoTokenizer.from_pretrained(h.hf_tokenizer)
+        texts = load_dataset(h.hf_dataset, split=split)[h.hf_text_field]
+        rng = random.Random(f"{h.seed}-{split}")
+        limit = h.max_train_prompts if split == "train" else h.num_val_prompts
+        if limit is not None:
+            texts = rng.sample(list(texts), min(limit, len(texts)))
+        prompts = []
+        for text in texts:
+            ids = tokenizer(text.replace("<br />", " "))["input_ids"]
+            prompts.append(tokenizer.decode(ids[: rng.randint(*h.prompt_tokens)]))
+        return prompts
+
+    def train_dataloader(self) -> DataLoader:
+        prompts = self.train_prompts * self.hparams.epoch_repeats
+        return DataLoader(prompts, batch_size=self.hparams.batch_size, shuffle=True, collate_fn=list)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_prompts, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=list)

@@ -1,0 +1,107 @@
+"""Loading policy, reference and tokenizer, and putting frozen models in a safe state.
+
+Models load with `from_pretrained(name_or_path)`: a hub name or a local folder. Names of the form
+`builtin:tiny-gpt2[:seed=N]` build a small random GPT-2 over a built-in word vocabulary instead,
+so the offline default trains with no download at all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+
+from .vocabulary import builtin_tokenizer
+
+BUILTIN_PREFIX = "builtin:"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_builtin(name: str) -> tuple[str, int]:
+    """`builtin:tiny-gpt2:seed=3` -> ("tiny-gpt2", 3)."""
+    kind, _, options = name.removeprefix(BUILTIN_PREFIX).partition(":")
+    seed = 0
+    if options:
+        key, _, value = options.partition("=")
+        if key != "seed" or not value.isdigit():
+            raise ValueError(f"builtin model options must look like ':seed=N', got {name!r}")
+        seed = int(value)
+    if kind != "tiny-gpt2":
+        raise ValueError(f"unknown builtin model {name!r}; available: builtin:tiny-gpt2[:seed=N]")
+    return kind, seed
+
+
+def tiny_gpt2(vocab_size: int, eos_token_id: int, seed: int) -> GPT2LMHeadModel:
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        parse_builtin(name_or_path)
+        return builtin_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; responses could never end")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token (trap 4: masks use EOS)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        _, seed = parse_builtin(name_or_path)
+        tokenizer = builtin_tokenizer()
+        model = tiny_gpt2(len(tokenizer), tokenizer.eos_token_id, seed)
+        return model.to(DTYPES[dtype])
+    return AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+    )
+
+
+def output_vocab_size(model: nn.Module) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_same_vocabulary(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Policy and reference must score the same token ids, and the tokenizer must fit in both."""
+    vp, vr = output_vocab_size(policy), output_vocab_size(reference)
+    if vp != vr:
+        raise ValueError(
+            f"policy and reference have different vocabularies ({vp} vs {vr} output logits); "
+            "KL(policy || reference) needs both models to share one tokenizer and vocabulary"
+        )
+    if len(tokenizer) > vp:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the models only {vp} logits")
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout makes the training forward disagree with the distribution that sampled (trap 2)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout", "dropout"):
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """No gradients, eval mode, dropout off: for the reference and the reward model (trap 6)."""
+    model.requires_grad_(False)
+    disable_dropout(model)
+    return model.eval()

@@ -1,0 +1,282 @@
+"""The LightningModule: KL-regularised RLOO fine-tuning of a policy against a frozen reference.
+
+One training step (DESIGN.md sections 5-6):
+    prompts -> k samples each from the policy (sampling exactly from p)
+            -> rewards on the decoded text
+            -> policy (with grad) and reference (no grad) logits on prompt + response
+            -> per-token statistics (one fused pass) -> RLOO loss with the rb or mc KL gradient
+            -> every KL estimator on the same samples, logged with its variance
+
+Subclass it for new tasks: override `score` (rewards), `encode_prompts` (prompt formatting) or
+`compute_loss` (the objective); pass model names, not modules, so LightningCLI can build it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from .estimators import all_kl_values, masked_token_stats
+from .metrics import RunningMoments
+from .models import check_same_vocabulary, disable_dropout, freeze, load_causal_lm, load_tokenizer
+from .objective import LossParts, rloo_kl_loss
+from .rewards import Reward, check_rewards
+from .sampling import Samples, position_ids, sample_responses, sampling_config
+from .schedules import lr_lambda
+from .token_stats import TokenStats
+
+ESTIMATOR_NAMES = ("mc", "k2", "k3", "cv", "cv_opt", "rb")
+
+
+class RBKLModule(L.LightningModule):
+    def __init__(
+        self,
+        policy: str = "builtin:tiny-gpt2",
+        reference: str | None = None,
+        tokenizer: str | None = None,
+        reward: Reward | None = None,
+        kl_gradient: Literal["rb", "mc"] = "rb",
+        beta: float = 0.05,
+        samples_per_prompt: int = 2,
+        max_new_tokens: int = 16,
+        val_samples_per_prompt: int = 8,
+        lr: float = 3e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_decay: Literal["constant", "linear", "cosine"] = "constant",
+        dtype: Literal["float32", "bfloat16"] = "float32",
+        trust_remote_code: bool = False,
+        generation_kwargs: dict[str, Any] | None = None,
+        kl_chunk_rows: int | None = None,
+    ):
+        """
+        Args:
+            policy: the model to fine-tune: hub name, local folder, or builtin:tiny-gpt2[:seed=N].
+            reference: the frozen model of the KL term (the teacher, for distillation); default: policy.
+            tokenizer: tokenizer name or folder; default: policy.
+            reward: callable (prompts, responses) -> Tensor[N], set by class_path; None: no reward (pure KL).
+            kl_gradient: estimator of grad KL in the loss: "rb" (Rao-Blackwellized) or "mc" (score function).
+            beta: KL coefficient.
+            samples_per_prompt: k responses per prompt for the leave-one-out baseline (>= 2).
+            max_new_tokens: length limit of a response; longer ones are truncated (and count as such).
+            val_samples_per_prompt: M responses per validation prompt for the estimator study.
+            lr: AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            warmup_steps: linear warmup from 0 to lr over this many optimizer steps.
+            lr_decay: after warmup: "constant", or "linear"/"cosine" decay to 0 at the last step.
+            dtype: weights of policy and reference: "float32" or "bfloat16".
+            trust_remote_code: allow code shipped with a checkpoint to run (off unless you trust it).
+            generation_kwargs: extra generate settings; any that would change the sampled distribution is refused.
+            kl_chunk_rows: positions per chunk in the fused full-vocabulary KL op (None: automatic).
+        """
+        super().__init__()
+        if samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt must be >= 2 for the leave-one-out baseline, got {samples_per_prompt}")
+        if val_samples_per_prompt < 2:
+            raise ValueError(f"val_samples_per_prompt must be >= 2 to estimate a variance, got {val_samples_per_prompt}")
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        self.save_hyperparameters(ignore=["reward"])
+        self.tokenizer = load_tokenizer(tokenizer or policy, trust_remote_code)
+        self.policy = load_causal_lm(policy, dtype, trust_remote_code)
+        disable_dropout(self.policy)
+        self.reference = freeze(load_causal_lm(reference or policy, dtype, trust_remote_code))
+        check_same_vocabulary(self.policy, self.reference, self.tokenizer)
+        self.reward = freeze(reward) if isinstance(reward, nn.Module) else reward
+        self.generation_config = sampling_config(
+            max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **(generation_kwargs or {}),
+        )
+        # One metric per (stage, quantity): never a MetricCollection with compute groups, which
+        # would merge these look-alike states and report wrong numbers.
+        self.moments = nn.ModuleDict(
+            {
+                f"{stage}_{name}": RunningMoments()
+                for stage in ("train", "val")
+                for name in (*ESTIMATOR_NAMES, "reward")
+            }
+        )
+        self.prompt_stats = nn.ModuleDict(
+            {f"{name}_{kind}": MeanMetric() for name in ESTIMATOR_NAMES for kind in ("prompt_mean", "prompt_std")}
+        )
+        # Checkpoints hold the policy only: the reference and reward are rebuilt from the config.
+        self.strict_loading = False
+
+    # -- modes ---------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        # Sampling and the training forward must see the same distribution, so every model
+        # stays in eval mode (dropout is also set to 0 on load).
+        super().train(mode)
+        for model in (self.policy, self.reference, self.reward):
+            if isinstance(model, nn.Module):
+                model.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(("reference.", "reward."))]:
+            del state[key]
+
+    # -- data flow -----------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Left-padded prompt ids [B, P] and mask [B, P] bool; refuses prompts that cannot fit."""
+        enc = self.tokenizer(list(prompts), padding=True, return_tensors="pt")
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device).bool()
+        if (mask.sum(1) == 0).any():
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        limit = self.context_length()
+        if limit is not None and ids.shape[1] + self.hparams.max_new_tokens > limit:
+            longest = prompts[int(mask.sum(1).argmax())]
+            raise ValueError(
+                f"prompt of {int(mask.sum(1).max())} tokens + max_new_tokens={self.hparams.max_new_tokens} exceeds "
+                f"the model's context of {limit} tokens: {longest[:80]!r}"
+            )
+        return ids, mask
+
+    def context_length(self) -> int | None:
+        config = self.policy.config
+        for key in ("n_positions", "max_position_embeddings"):
+            if isinstance(getattr(config, key, None), int):
+                return getattr(config, key)
+        return None
+
+    def sample(self, prompts: Sequence[str], k: int) -> Samples:
+        ids, mask = self.encode_prompts(prompts)
+        return sample_responses(self.policy, ids, mask, k, self.generation_config)
+
+    def decode_responses(self, samples: Samples) -> list[str]:
+        # Only the tokens under the mask, without the EOS: text as a reader would see it.
+        response = samples.response.masked_fill(~samples.response_mask, self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(response, skip_special_tokens=True)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
+        """Rewards [N] for repeated prompts and their responses (zeros without a reward)."""
+        if self.reward is None:
+            return torch.zeros(len(responses), device=self.device)
+        return check_rewards(self.reward(prompts, responses), prompts, responses).to(self.device)
+
+    def response_logits(self, model: nn.Module, samples: Samples) -> Tensor:
+        """[N, R, V] logits at the positions that produced each response token."""
+        prompt_len, response_len = samples.prompt_ids.shape[1], samples.response.shape[1]
+        attention = samples.attention_mask
+        out = model(
+            input_ids=samples.input_ids,
+            attention_mask=attention.long(),
+            position_ids=position_ids(attention),  # as generate computed them (trap 3)
+            # Only the response positions go through the LM head: no [B, prompt, V] logits.
+            logits_to_keep=torch.arange(prompt_len - 1, prompt_len + response_len - 1, device=self.device),
+            use_cache=False,
+        )
+        return out.logits
+
+    def token_stats(self, samples: Samples, kl_grad: bool) -> TokenStats:
+        policy_logits = self.response_logits(self.policy, samples)
+        with torch.no_grad():
+            ref_logits = self.response_logits(self.reference, samples)
+        return masked_token_stats(
+            policy_logits,
+            ref_logits,
+            samples.response,
+            samples.response_mask,
+            kl_grad=kl_grad,
+            chunk_rows=self.hparams.kl_chunk_rows,
+        )
+
+    def compute_loss(self, stats: TokenStats, samples: Samples, rewards: Tensor) -> LossParts:
+        h = self.hparams
+        return rloo_kl_loss(stats, samples.response_mask, rewards, h.samples_per_prompt, h.beta, h.kl_gradient)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def training_step(self, batch: list[str], batch_idx: int) -> Tensor:
+        k = self.hparams.samples_per_prompt
+        samples = self.sample(batch, k)
+        prompts = [p for p in batch for _ in range(k)]
+        rewards = self.score(prompts, self.decode_responses(samples))
+        stats = self.token_stats(samples, kl_grad=self.hparams.kl_gradient == "rb")
+        parts = self.compute_loss(stats, samples, rewards)
+
+        mask = samples.response_mask
+        self.update_moments("train", all_kl_values(stats, mask), rewards)
+        self.log_moments("train")
+        n_tokens = mask.sum()
+        self.log_dict(
+            {
+                "train/loss": parts.loss.detach(),
+                "train/policy_gradient_loss": parts.policy_gradient,
+                "train/kl_penalty": parts.kl_penalty,
+                "train/entropy": stats.entropy.detach().sum() / n_tokens,
+                "train/response_length": mask.sum(1).float().mean(),
+                "train/global_batch": float(len(batch) * k * self.trainer.world_size),
+            },
+            sync_dist=True,
+        )
+        return parts.loss
+
+    def validation_step(self, batch: list[str], batch_idx: int) -> None:
+        m = self.hparams.val_samples_per_prompt
+        samples = self.sample(batch, m)
+        prompts = [p for p in batch for _ in range(m)]
+        rewards = self.score(prompts, self.decode_responses(samples))
+        with torch.no_grad():
+            stats = self.token_stats(samples, kl_grad=False)
+        values = all_kl_values(stats, samples.response_mask)
+        self.update_moments("val", values, rewards)
+        # The paper's estimator study: spread of each estimator over M samples of one prompt.
+        for name, v in values.items():
+            grouped = v.reshape(-1, m)  # [prompts, M]
+            self.prompt_stats[f"{name}_prompt_mean"].update(grouped.mean(1))
+            self.prompt_stats[f"{name}_prompt_std"].update(grouped.std(1))
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_moments("val")
+        for key, metric in self.prompt_stats.items():
+            name, kind = key.rsplit("_prompt_", 1)
+            self.log(f"val/kl/{name}/prompt_{kind}", metric.compute())
+            metric.reset()
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    def update_moments(self, stage: str, values: dict[str, Tensor], rewards: Tensor) -> None:
+        for name, v in values.items():
+            self.moments[f"{stage}_{name}"].update(v)
+        self.moments[f"{stage}_reward"].update(rewards)
+
+    def log_moments(self, stage: str) -> None:
+        """Compute (a DDP collective, on every rank), log and reset the stage's moments."""
+        logged = {}
+        for name in ESTIMATOR_NAMES:
+            stats = self.moments[f"{stage}_{name}"].compute()
+            logged.update({f"{stage}/kl/{name}/{key}": value.float() for key, value in stats.items()})
+            self.moments[f"{stage}_{name}"].reset()
+        reward = self.moments[f"{stage}_reward"].compute()
+        self.moments[f"{stage}_reward"].reset()
+        logged[f"{stage}/reward/mean"] = reward["mean"].float()
+        logged[f"{stage}/reward/sem"] = reward["sem"].float()
+        logged[f"{stage}/kl_var_ratio/mc_over_rb"] = logged[f"{stage}/kl/mc/var"] / logged[f"{stage}/kl/rb/var"]
+        # Values are already global: logging them again with sync_dist would only average equals.
+        self.log_dict(logged)
+        if stage == "train":
+            progress = {"reward": logged["train/reward/mean"], "kl_rb": logged["train/kl/rb/mean"]}
+            self.log_dict(progress, prog_bar=True, logger=False)
+
+    # -- optimisation --------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        h = self.hparams
+        # Only the policy's trainable weights: self.parameters() would include the reference.
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
+        total = self.trainer.estimated_stepping_batches
+        schedule = lr_lambda(h.warmup_steps, int(total) if total != float("inf") else None, h.lr_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
