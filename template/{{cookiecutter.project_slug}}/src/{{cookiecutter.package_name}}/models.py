@@ -68,9 +68,7 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code:
         tokenizer = builtin_tokenizer()
         model = tiny_gpt2(len(tokenizer), tokenizer.eos_token_id, seed)
         return model.to(DTYPES[dtype])
-    return AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-    )
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
 
 
 def output_vocab_size(model: nn.Module) -> int:

@@ -13,6 +13,7 @@ Subclass it for new tasks: override `score` (rewards), `encode_prompts` (prompt 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -31,6 +32,9 @@ from .schedules import lr_lambda
 from .token_stats import TokenStats
 
 ESTIMATOR_NAMES = ("mc", "k2", "k3", "cv", "cv_opt", "rb")
+
+# Eval mode is deliberate here (see RBKLModule.train); Lightning warns about it at every fit.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 
 class RBKLModule(L.LightningModule):
@@ -76,9 +80,13 @@ class RBKLModule(L.LightningModule):
         """
         super().__init__()
         if samples_per_prompt < 2:
-            raise ValueError(f"samples_per_prompt must be >= 2 for the leave-one-out baseline, got {samples_per_prompt}")
+            raise ValueError(
+                f"samples_per_prompt must be >= 2 for the leave-one-out baseline, got {samples_per_prompt}"
+            )
         if val_samples_per_prompt < 2:
-            raise ValueError(f"val_samples_per_prompt must be >= 2 to estimate a variance, got {val_samples_per_prompt}")
+            raise ValueError(
+                f"val_samples_per_prompt must be >= 2 to estimate a variance, got {val_samples_per_prompt}"
+            )
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         self.save_hyperparameters(ignore=["reward"])
@@ -97,11 +105,7 @@ class RBKLModule(L.LightningModule):
         # One metric per (stage, quantity): never a MetricCollection with compute groups, which
         # would merge these look-alike states and report wrong numbers.
         self.moments = nn.ModuleDict(
-            {
-                f"{stage}_{name}": RunningMoments()
-                for stage in ("train", "val")
-                for name in (*ESTIMATOR_NAMES, "reward")
-            }
+            {f"{stage}_{name}": RunningMoments() for stage in ("train", "val") for name in (*ESTIMATOR_NAMES, "reward")}
         )
         self.prompt_stats = nn.ModuleDict(
             {f"{name}_{kind}": MeanMetric() for name in ESTIMATOR_NAMES for kind in ("prompt_mean", "prompt_std")}

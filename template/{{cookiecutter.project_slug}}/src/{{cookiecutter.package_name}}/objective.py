@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .estimators import check_estimator, GRADIENT_ESTIMATORS, kl_surrogate, kl_to_go
+from .estimators import GRADIENT_ESTIMATORS, check_estimator, kl_surrogate, kl_to_go
 from .token_stats import TokenStats
 
 
@@ -38,9 +38,7 @@ class LossParts:
     advantage: Tensor  # [N] R_i - b_i
 
 
-def rloo_kl_loss(
-    stats: TokenStats, mask: Tensor, rewards: Tensor, k: int, beta: float, kl_gradient: str
-) -> LossParts:
+def rloo_kl_loss(stats: TokenStats, mask: Tensor, rewards: Tensor, k: int, beta: float, kl_gradient: str) -> LossParts:
     """Surrogate loss for one batch of N = prompts * k samples (adjacent per prompt)."""
     check_estimator(kl_gradient, GRADIENT_ESTIMATORS)
     advantage = rewards - leave_one_out_mean(rewards, k)  # [N]

@@ -6,8 +6,8 @@ decoded text: a reward model with its own tokenizer re-encodes it (DESIGN.md tra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +26,9 @@ def check_rewards(rewards: Tensor, prompts: Sequence[str], responses: Sequence[s
     """Rewards must be one finite float per response; name the text that broke the rule."""
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     if rewards.shape != (len(responses),):
-        raise ValueError(f"a reward must return one value per response: expected ({len(responses)},), "
-                         f"got {tuple(rewards.shape)}")
+        raise ValueError(
+            f"a reward must return one value per response: expected ({len(responses)},), got {tuple(rewards.shape)}"
+        )
     bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
     if bad:
         i = bad[0]

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints saved to disk, loaded like hub models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2TokenizerFast,
+    PreTrainedTokenizerFast,
+)
+
+CORPUS = [
+    "this movie was great and the acting was wonderful",
+    "a terrible film with a boring plot and bad actors",
+    "i loved the music but the ending was weak",
+    "the story is moving, the cast is excellent",
+    "worst movie ever, a waste of time",
+    "what a fantastic and beautiful film",
+] * 20
+
+
+def _gpt2_tokenizer() -> GPT2TokenizerFast:
+    # A byte-level BPE trained here, with GPT-2's quirks: one special token, no pad token.
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"]))
+    eos = "<|endoftext|>"
+    return GPT2TokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos)
+
+
+def _bert_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=200, special_tokens=special))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+
+
+def save_tiny_gpt2(folder: Path, dropout: float = 0.0, vocab_extra: int = 0, seed: int = 0) -> Path:
+    tokenizer = _gpt2_tokenizer()
+    config = GPT2Config(
+        vocab_size=len(tokenizer) + vocab_extra,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_sentiment_classifier(folder: Path) -> Path:
+    tokenizer = _bert_tokenizer()
+    config = DistilBertConfig(
+        vocab_size=len(tokenizer),
+        dim=32,
+        n_layers=1,
+        n_heads=2,
+        hidden_dim=64,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    )
+    torch.manual_seed(0)
+    DistilBertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        "gpt2": save_tiny_gpt2(root / "gpt2"),
+        "gpt2_dropout": save_tiny_gpt2(root / "gpt2-dropout", dropout=0.3),
+        "gpt2_other_vocab": save_tiny_gpt2(root / "gpt2-other-vocab", vocab_extra=7),
+        "classifier": save_tiny_sentiment_classifier(root / "distilbert"),
+    }
+
+
+@pytest.fixture(scope="session")
+def prompt_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("prompts")
+    train, val = root / "train.txt", root / "val.jsonl"
+    train.write_text("\n".join(["this movie was", "the acting", "a film with", "i loved the"] * 2) + "\n")
+    val.write_text('{"prompt": "the story is"}\n{"prompt": "what a"}\n')
+    return {"train": train, "val": val}

@@ -1,0 +1,88 @@
+"""Prompt sources and rewards: what they return, and the errors they give."""
+
+import pytest
+import torch
+
+from {{ cookiecutter.package_name }}.data import PromptDataModule, read_prompts
+from {{ cookiecutter.package_name }}.rewards import (
+    KeywordReward,
+    SentimentClassifierReward,
+    VaderSentimentReward,
+    check_rewards,
+)
+
+
+def test_builtin_prompts_keep_validation_separate():
+    data = PromptDataModule(batch_size=4)
+    data.setup("fit")
+    assert data.train_prompts and data.val_prompts
+    assert not set(data.train_prompts) & set(data.val_prompts)
+    assert next(iter(data.val_dataloader())) == data.val_prompts[:4]
+
+
+def test_file_source_reads_txt_and_jsonl(prompt_files):
+    data = PromptDataModule(source="file", train_path=str(prompt_files["train"]), val_path=str(prompt_files["val"]))
+    data.setup("fit")
+    assert data.train_prompts[:2] == ["this movie was", "the acting"]
+    assert data.val_prompts == ["the story is", "what a"]
+
+
+def test_file_source_holds_out_the_last_prompts_without_a_val_file(prompt_files):
+    data = PromptDataModule(source="file", train_path=str(prompt_files["train"]), num_val_prompts=3)
+    data.setup("fit")
+    assert len(data.train_prompts) == 5 and len(data.val_prompts) == 3
+
+
+@pytest.mark.parametrize(
+    "content, suffix, match",
+    [
+        ("", ".txt", "holds no prompts"),
+        ("\n  \n", ".txt", "holds no prompts"),
+        ('{"prompt": "ok"}\nnot json\n', ".jsonl", r":2: expected a JSON object"),
+        ("a\n", ".csv", "must be .txt"),
+    ],
+)
+def test_bad_prompt_files_are_clear_errors(tmp_path, content, suffix, match):
+    path = tmp_path / f"prompts{suffix}"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        read_prompts(path)
+
+
+def test_missing_prompt_file_and_missing_settings(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_prompts(tmp_path / "nope.txt")
+    with pytest.raises(ValueError, match="needs data.train_path"):
+        PromptDataModule(source="file").setup("fit")
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        PromptDataModule(prompt_tokens=(5, 2))
+
+
+def test_vader_reward_prefers_positive_text():
+    reward = VaderSentimentReward(include_prompt=False)
+    scores = reward(["x", "x", "x"], ["great wonderful film", "the film", "awful boring film"])
+    assert scores[0] > scores[1] == 0 > scores[2]
+
+
+def test_keyword_reward_counts_words():
+    assert KeywordReward(["good"], scale=2.0)(["p", "p"], ["good good bad", "bad"]).tolist() == [4.0, 0.0]
+
+
+def test_classifier_reward_reencodes_text_and_uses_the_positive_logit(hf_checkpoints):
+    reward = SentimentClassifierReward(str(hf_checkpoints["classifier"]), positive_label="POSITIVE")
+    prompts, responses = ["the movie", "a film"], [" was great", " was a waste of time"]
+    scores = reward(prompts, responses)
+    enc = reward.tokenizer([p + r for p, r in zip(prompts, responses, strict=True)], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = reward.model(**enc).logits[:, 1]
+    torch.testing.assert_close(scores, expected)
+    assert not any(p.requires_grad for p in reward.model.parameters())
+    with pytest.raises(ValueError, match="not in the classifier's labels"):
+        SentimentClassifierReward(str(hf_checkpoints["classifier"]), positive_label="HAPPY")
+
+
+def test_check_rewards_refuses_wrong_shapes_and_names_non_finite_texts():
+    with pytest.raises(ValueError, match=r"one value per response: expected \(2,\)"):
+        check_rewards(torch.zeros(3), ["a", "b"], ["c", "d"])
+    with pytest.raises(ValueError, match="non-finite reward inf for prompt 'b' and response 'd'"):
+        check_rewards(torch.tensor([0.0, float("inf")]), ["a", "b"], ["c", "d"])

@@ -1,0 +1,107 @@
+"""Training end to end on tiny models: learning, frozen reference, optimizer, checkpoints, errors."""
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from {{ cookiecutter.package_name }}.data import PromptDataModule
+from {{ cookiecutter.package_name }}.module import RBKLModule
+from {{ cookiecutter.package_name }}.rewards import KeywordReward, Reward
+
+
+def fit(module, tmp_path: Path, steps: int, batch_size: int = 8, **trainer_kw) -> L.Trainer:
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=CSVLogger(tmp_path, name="run"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+        **trainer_kw,
+    )
+    trainer.fit(module, PromptDataModule(batch_size=batch_size, epoch_repeats=50))
+    return trainer
+
+
+def logged(trainer: L.Trainer, key: str) -> list[float]:
+    rows = csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv"))
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+@pytest.mark.slow
+def test_a_short_run_on_a_learnable_reward_raises_the_reward(tmp_path):
+    torch.manual_seed(0)
+    module = RBKLModule(reward=KeywordReward(["good", "great"]), lr=3e-3, beta=0.05, samples_per_prompt=4)
+    reference_before = {k: v.clone() for k, v in module.reference.state_dict().items()}
+    trainer = fit(module, tmp_path, steps=40, enable_checkpointing=True)
+
+    rewards, kl = logged(trainer, "train/reward/mean"), logged(trainer, "train/kl/rb/mean")
+    assert len(rewards) == 40
+    first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
+    assert last > first + 0.5, (first, last)
+    assert kl[0] < 1e-6 < kl[-1], "the policy starts at the reference and moves away from it"
+
+    for key, value in module.reference.state_dict().items():
+        assert torch.equal(value, reference_before[key]), f"reference weight {key} changed"
+    optimizer_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimizer_params == {id(p) for p in module.policy.parameters()}
+    assert not any(p.requires_grad for p in module.reference.parameters())
+
+    checkpoint = torch.load(next(Path(tmp_path).rglob("*.ckpt")), weights_only=False)
+    assert checkpoint["state_dict"] and all(k.startswith("policy.") for k in checkpoint["state_dict"])
+
+
+def test_mc_gradient_trains_too(tmp_path):
+    module = RBKLModule(reward=KeywordReward(["good"]), kl_gradient="mc", lr=1e-3)
+    trainer = fit(module, tmp_path, steps=3, enable_checkpointing=False)
+    assert len(logged(trainer, "train/kl/mc/var")) == 3
+
+
+def test_policy_and_reference_must_share_a_vocabulary(hf_checkpoints):
+    with pytest.raises(ValueError, match="different vocabularies"):
+        RBKLModule(policy=str(hf_checkpoints["gpt2"]), reference=str(hf_checkpoints["gpt2_other_vocab"]))
+
+
+class NaNReward(Reward):
+    def __call__(self, prompts, responses):
+        return torch.tensor([float("nan") if i == 1 else 0.0 for i in range(len(responses))])
+
+
+def test_a_non_finite_reward_names_the_text(tmp_path):
+    module = RBKLModule(reward=NaNReward())
+    with pytest.raises(ValueError, match=r"non-finite reward nan for prompt '.+' and response"):
+        fit(module, tmp_path, steps=1, enable_checkpointing=False)
+
+
+def test_a_prompt_longer_than_the_context_is_refused():
+    module = RBKLModule(max_new_tokens=60)  # the builtin model has 64 positions
+    with pytest.raises(ValueError, match="exceeds the model's context of 64 tokens"):
+        module.encode_prompts(["the movie was good and the plot was fine"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"samples_per_prompt": 1}, "samples_per_prompt must be >= 2"),
+        ({"beta": -1.0}, "beta must be >= 0"),
+        ({"policy": "builtin:nope"}, "unknown builtin model"),
+        ({"dtype": "float16"}, "dtype must be one of"),
+    ],
+)
+def test_bad_module_arguments_are_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RBKLModule(**kwargs)
+
+
+def test_bfloat16_weights_train_a_step(tmp_path):
+    module = RBKLModule(reward=KeywordReward(["good"]), dtype="bfloat16")
+    assert next(module.policy.parameters()).dtype == torch.bfloat16
+    fit(module, tmp_path, steps=1, enable_checkpointing=False)
