@@ -11,14 +11,19 @@ from {{ cookiecutter.package_name }}.module import RBKLModule
 
 class CLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Every run leaves logs/<name>/version_N/metrics.csv; a config may choose another logger.
+        # Every run leaves logs/<name>/version_N/metrics.csv and plots/; a config may replace these.
         parser.set_defaults(
             {
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.CSVLogger",
                     "init_args": {"save_dir": "logs"},
                 },
-                "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}],
+                "trainer.callbacks": [
+                    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+                    {"class_path": "{{ cookiecutter.package_name }}.callbacks.RewardVsKLPlot"},
+                    {"class_path": "{{ cookiecutter.package_name }}.callbacks.EstimatorVariancePlot"},
+                    {"class_path": "{{ cookiecutter.package_name }}.callbacks.EstimatorTable"},
+                ],
             }
         )
 
