@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -155,7 +156,10 @@ class RBKLModule(L.LightningModule):
 
     def sample(self, prompts: Sequence[str], k: int) -> Samples:
         ids, mask = self.encode_prompts(prompts)
-        return sample_responses(self.policy, ids, mask, k, self.generation_config)
+        # Sharded weights are gathered layer by layer in every forward: ranks that finish early
+        # must keep stepping until all are done, or the others wait forever.
+        synced = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        return sample_responses(self.policy, ids, mask, k, self.generation_config, synced_gpus=synced)
 
     def decode_responses(self, samples: Samples) -> list[str]:
         # Only the tokens under the mask, without the EOS: text as a reader would see it.
@@ -201,7 +205,12 @@ class RBKLModule(L.LightningModule):
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def training_step(self, batch: list[str], batch_idx: int) -> Tensor:
+    def on_fit_start(self) -> None:
+        # Every rank was seeded alike; without an offset, ranks would draw correlated samples.
+        if self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+
+    def training_step(self, batch: list[str], batch_idx: int) -> dict[str, Tensor]:
         k = self.hparams.samples_per_prompt
         samples = self.sample(batch, k)
         prompts = [p for p in batch for _ in range(k)]
@@ -210,7 +219,8 @@ class RBKLModule(L.LightningModule):
         parts = self.compute_loss(stats, samples, rewards)
 
         mask = samples.response_mask
-        self.update_moments("train", all_kl_values(stats, mask), rewards)
+        values = all_kl_values(stats, mask)
+        self.update_moments("train", values, rewards)
         self.log_moments("train")
         n_tokens = mask.sum()
         self.log_dict(
@@ -224,7 +234,8 @@ class RBKLModule(L.LightningModule):
             },
             sync_dist=True,
         )
-        return parts.loss
+        # Callbacks see this rank's per-sample values in on_train_batch_end.
+        return {"loss": parts.loss, "rewards": rewards, **{f"kl/{k}": v for k, v in values.items()}}
 
     def validation_step(self, batch: list[str], batch_idx: int) -> None:
         m = self.hparams.val_samples_per_prompt

@@ -108,6 +108,7 @@ def sample_responses(
     prompt_mask: Tensor,
     samples_per_prompt: int,
     config: GenerationConfig,
+    synced_gpus: bool = False,
 ) -> Samples:
     """Draw `samples_per_prompt` responses for each prompt; the k samples of a prompt stay adjacent."""
     prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)
@@ -118,6 +119,7 @@ def sample_responses(
         # training forward must pass them explicitly (tests/test_sampling.py checks both agree).
         attention_mask=prompt_mask.long(),
         generation_config=config,
+        synced_gpus=synced_gpus,
     )
     response = out[:, prompt_ids.shape[1] :]
     return Samples(prompt_ids, prompt_mask.bool(), response, response_mask(response, config.eos_token_id))

@@ -1,0 +1,70 @@
+"""Two CPU processes with gloo, through the real CLI in a subprocess (never strategy=ddp in pytest)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("ddp")
+    paths = [str(PROJECT / "src"), str(PROJECT / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    cmd = [
+        sys.executable,
+        str(PROJECT / "train.py"),
+        "fit",
+        "--config",
+        str(PROJECT / "configs/default.yaml"),
+        "--config",
+        str(PROJECT / "configs/trainer/ddp.yaml"),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy.init_args.timeout=0:01:30",  # a hang becomes a failure
+        "--trainer.max_steps=4",
+        "--data.epoch_repeats=1",  # 16 prompts / (8 per device x 2) = 1 step an epoch: 4 validations
+        "--trainer.callbacks+=ddp_probe.RankProbe",
+        f"--trainer.callbacks.out_dir={tmp / 'probe'}",
+    ]
+    result = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return tmp
+
+
+@pytest.mark.slow
+def test_policy_weights_are_identical_on_both_ranks(ddp_run):
+    ranks = [json.loads((ddp_run / "probe" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["policy_sha256"] == ranks[1]["policy_sha256"]
+    assert ranks[0]["steps"][0]["rewards"] != ranks[1]["steps"][0]["rewards"], "ranks must see different prompts"
+
+
+@pytest.mark.slow
+def test_logged_metrics_equal_one_process_on_the_union_of_samples(ddp_run):
+    ranks = [json.loads((ddp_run / "probe" / f"rank{r}.json").read_text()) for r in range(2)]
+    rows = [r for r in csv.DictReader(open(next(ddp_run.rglob("metrics.csv")))) if r.get("train/kl/rb/mean")]
+    assert len(rows) == len(ranks[0]["steps"]) == 4
+    for step, row in enumerate(rows):
+        for key, column in (("kl/rb", "train/kl/rb"), ("kl/mc", "train/kl/mc"), ("rewards", "train/reward")):
+            values = np.array(ranks[0]["steps"][step][key] + ranks[1]["steps"][step][key])
+            assert float(row[f"{column}/mean"]) == pytest.approx(values.mean(), rel=1e-5, abs=1e-6)
+            if key != "rewards":
+                assert float(row[f"{column}/var"]) == pytest.approx(values.var(ddof=1), rel=1e-5, abs=1e-6)
+        assert float(row["train/global_batch"]) == 8 * 2 * 4
+
+
+@pytest.mark.slow
+def test_plots_and_checkpoints_are_written_once(ddp_run):
+    runs = list((ddp_run / "logs").glob("*/version_*"))
+    assert len(runs) == 1, runs
+    pngs = sorted(p.name for p in (runs[0] / "plots").glob("reward_vs_kl_epoch*.png"))
+    assert pngs == [f"reward_vs_kl_epoch{e:03d}.png" for e in range(4)]
+    assert len(list(ddp_run.rglob("*.ckpt"))) == 1
