@@ -72,3 +72,27 @@ def test_zero_probability_tokens_contribute_nothing():
     torch.testing.assert_close(stats.kl, expected[2])
     stats.kl.sum().backward()
     assert torch.isfinite(policy.grad).all() and policy.grad[0, 0, 1] == 0
+
+
+@pytest.mark.parametrize("kl_grad", [True, False])
+def test_inplace_gradient_equals_the_allocated_one(kl_grad):
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(3, 4, 9, generator=gen, dtype=torch.float64)
+    ref = torch.randn(3, 4, 9, generator=gen, dtype=torch.float64)
+    tokens = torch.randint(0, 9, (3, 4), generator=gen)
+    grads = []
+    for inplace in (False, True):
+        leaf = base.clone().requires_grad_(True)
+        logits = leaf * 1.0  # a fresh non-leaf, like the LM head's output
+        stats = token_stats(logits, ref, tokens, kl_grad=kl_grad, chunk_rows=5, inplace_grad=inplace)
+        (stats.logp.sum() + stats.kl.sum()).backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
+
+
+def test_inplace_gradient_refuses_logits_that_another_op_saved():
+    leaf = torch.randn(2, 3, 5, requires_grad=True)
+    logits = torch.tanh(leaf)  # tanh saves its output for backward
+    stats = token_stats(logits, torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), inplace_grad=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stats.kl.sum().backward()

@@ -75,12 +75,15 @@ def masked_token_stats(
     *,
     kl_grad: bool = True,
     chunk_rows: int | None = None,
+    inplace_grad: bool = False,
 ) -> TokenStats:
     """`token_stats` after validation, with padding zeroed so it never changes a result."""
     check_inputs(policy_logits, ref_logits, tokens, mask)
     # Padding may hold any id (GPT-2 pads with EOS, others with -100): replace it by a valid one.
     safe_tokens = tokens.masked_fill(~mask, 0)
-    stats = token_stats(policy_logits, ref_logits, safe_tokens, kl_grad=kl_grad, chunk_rows=chunk_rows)
+    stats = token_stats(
+        policy_logits, ref_logits, safe_tokens, kl_grad=kl_grad, chunk_rows=chunk_rows, inplace_grad=inplace_grad
+    )
     _check_finite(stats, mask)
     zero = torch.zeros((), dtype=stats.kl.dtype, device=mask.device)
     return TokenStats(

@@ -197,6 +197,7 @@ class RBKLModule(L.LightningModule):
             samples.response_mask,
             kl_grad=kl_grad,
             chunk_rows=self.hparams.kl_chunk_rows,
+            inplace_grad=True,  # the policy logits are ours alone: backward reuses their memory
         )
 
     def compute_loss(self, stats: TokenStats, samples: Samples, rewards: Tensor) -> LossParts:

@@ -51,23 +51,18 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _plogratio(p: Tensor, logp: Tensor, logq: Tensor) -> Tensor:
-    # Tokens with p = 0 (e.g. masked with -inf logits) contribute 0, not 0 * inf = nan. NaN
-    # inputs are caught by the caller's finiteness check on logp/logq, which they poison.
-    return (p * (logp - logq)).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
-
-
-def _log_softmax_rows(z: Tensor, dtype: torch.dtype, lse_out: Tensor) -> Tensor:
-    """log_softmax of a [n, V] chunk in `dtype`; writes the log-normalisers into `lse_out`."""
-    zc = z.to(dtype)
-    torch.logsumexp(zc, dim=-1, out=lse_out)
-    # An upcast chunk is our own copy and may be overwritten; the caller's logits may not.
-    return zc.sub_(lse_out[:, None]) if z.dtype != dtype else zc - lse_out[:, None]
+def _safe_rows(x: Tensor, y: Tensor, lse_p: Tensor, lse_q: Tensor) -> tuple[Tensor, Tensor]:
+    """KL and entropy of rows with -inf logits (a masked vocabulary), where 0 * log 0 must be 0."""
+    logp, logq = x - lse_p[:, None], y - lse_q[:, None]
+    p = logp.exp()
+    kl = (p * (logp - logq)).nan_to_num_(nan=0.0, posinf=float("inf")).sum(-1)
+    ent = -(p * logp).nan_to_num_(nan=0.0).sum(-1)
+    return kl, ent
 
 
 class _TokenStatsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, policy_logits, ref_logits, tokens, kl_grad, chunk_rows):
+    def forward(ctx, policy_logits, ref_logits, tokens, kl_grad, chunk_rows, inplace_grad):
         vocab = policy_logits.shape[-1]
         x = policy_logits.reshape(-1, vocab)  # [N, V]
         y = ref_logits.reshape(-1, vocab)  # [N, V]
@@ -77,26 +72,30 @@ class _TokenStatsFunction(torch.autograd.Function):
         logp_tok, logq_tok, kl, ent, lse_p, lse_q = out
         for start in range(0, x.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logp = _log_softmax_rows(x[rows], dtype, lse_p[rows])
-            logq = _log_softmax_rows(y[rows], dtype, lse_q[rows])
-            logp_tok[rows] = logp.gather(1, tok[rows]).squeeze(1)
-            logq_tok[rows] = logq.gather(1, tok[rows]).squeeze(1)
-            p = logp.exp()
-            kl[rows] = _plogratio(p, logp, logq).sum(-1)
-            ent[rows] = -_plogratio(p, logp, torch.zeros((), dtype=dtype, device=x.device)).sum(-1)
+            xc, yc = x[rows].to(dtype), y[rows].to(dtype)  # [c, V]
+            torch.logsumexp(xc, dim=-1, out=lse_p[rows])
+            torch.logsumexp(yc, dim=-1, out=lse_q[rows])
+            logp_tok[rows] = xc.gather(1, tok[rows]).squeeze(1) - lse_p[rows]
+            logq_tok[rows] = yc.gather(1, tok[rows]).squeeze(1) - lse_q[rows]
+            p = torch.sub(xc, lse_p[rows, None]).exp_()  # [c, V]
+            # Because sum_v p_v = 1:  KL_t = <p, x - y> - lse_p + lse_q  and  H_t = lse_p - <p, x>.
+            kl[rows] = torch.linalg.vecdot(p, torch.sub(xc, yc)) - (lse_p[rows] - lse_q[rows])
+            ent[rows] = lse_p[rows] - torch.linalg.vecdot(p, xc)
+        # -inf logits give 0 * inf = nan above; such rows are rare and recomputed the safe way.
+        # (NaN logits also land here, but they poison logp/logq, which callers check.)
+        bad = torch.isnan(kl) | torch.isnan(ent)
+        ctx.has_bad_rows = bool(bad.any())
+        if ctx.has_bad_rows:
+            kl[bad], ent[bad] = _safe_rows(x[bad].to(dtype), y[bad].to(dtype), lse_p[bad], lse_q[bad])
+        kl.clamp_(min=0.0)  # KL_t >= 0; rounding can leave -1e-7 when p is close to q
         ctx.kl_grad = kl_grad
         ctx.chunk_rows = chunk_rows
+        ctx.inplace_grad = inplace_grad
         ctx.set_materialize_grads(False)
         # The reference logits are kept for backward only when the KL itself is differentiated.
-        saved_ref = ref_logits if kl_grad else None
-        ctx.save_for_backward(policy_logits, saved_ref, tokens, kl, lse_p, lse_q)
+        ctx.save_for_backward(policy_logits, ref_logits if kl_grad else None, tokens, kl, lse_p, lse_q)
         shape = tokens.shape
-        return (
-            logp_tok.view(shape),
-            logq_tok.view(shape),
-            kl.view(shape),
-            ent.view(shape),
-        )
+        return logp_tok.view(shape), logq_tok.view(shape), kl.view(shape), ent.view(shape)
 
     @staticmethod
     def backward(ctx, g_logp, g_logq, g_kl, g_ent):
@@ -104,31 +103,38 @@ class _TokenStatsFunction(torch.autograd.Function):
         if not ctx.kl_grad:
             g_kl = None
         if g_logp is None and g_kl is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         vocab = policy_logits.shape[-1]
         x = policy_logits.reshape(-1, vocab)
+        y = None if g_kl is None else ref_logits.reshape(-1, vocab)
         tok = tokens.reshape(-1, 1)
         dtype = kl.dtype
-        g_logp = None if g_logp is None else g_logp.reshape(-1, 1).to(dtype)
-        g_kl = None if g_kl is None else g_kl.reshape(-1, 1).to(dtype)
-        y = None if g_kl is None else ref_logits.reshape(-1, vocab)
-        grad = torch.empty_like(x)
+        g_logp = torch.zeros_like(kl) if g_logp is None else g_logp.reshape(-1).to(dtype)
+        # Writing the gradient over the logits saves a [B, T, V] buffer; autograd's version
+        # check still raises if anything else saved these logits for its own backward.
+        grad = x if ctx.inplace_grad else torch.empty_like(x)
+        if g_kl is not None:
+            g_kl = g_kl.reshape(-1).to(dtype)
+            # d/dz [g_kl KL_t + g_logp logp_t] = p * (g_kl (x - y - shift) - g_logp) + g_logp onehot
+            offset = (g_kl * (lse_p - lse_q + kl) + g_logp)[:, None]
         for start in range(0, x.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            logp = x[rows].to(dtype) - lse_p[rows, None]
-            p = logp.exp()
-            if g_kl is not None:
-                logq = y[rows].to(dtype) - lse_q[rows, None]
-                # d kl_t / d z = p (log p - log q - kl_t); p = 0 entries contribute nothing.
-                gc = (p * (logp - logq - kl[rows, None])).nan_to_num_(nan=0.0).mul_(g_kl[rows])
-                if g_logp is not None:
-                    gc.addcmul_(p, g_logp[rows], value=-1.0)
+            xc = x[rows].to(dtype)
+            p = torch.sub(xc, lse_p[rows, None]).exp_()  # [c, V]
+            # Write straight into the gradient buffer when it has the compute dtype (it may be
+            # xc's own storage: each element is read before it is overwritten).
+            target = grad[rows] if grad.dtype == dtype else None
+            if g_kl is None:
+                gc = torch.mul(p, -g_logp[rows, None], out=target)
             else:
-                gc = p.mul_(-g_logp[rows])
-            if g_logp is not None:
-                gc.scatter_add_(1, tok[rows], g_logp[rows])
-            grad[rows] = gc
-        return grad.view_as(policy_logits), None, None, None, None
+                gc = torch.sub(xc, y[rows].to(dtype), out=target)
+                gc.mul_(g_kl[rows, None]).sub_(offset[rows]).mul_(p)
+                if ctx.has_bad_rows:
+                    gc.nan_to_num_(nan=0.0)  # p = 0 where x = -inf: no gradient there
+            gc.scatter_add_(1, tok[rows], g_logp[rows, None])
+            if target is None:
+                grad[rows] = gc
+        return grad.view_as(policy_logits), None, None, None, None, None
 
 
 def token_stats(
@@ -138,6 +144,7 @@ def token_stats(
     *,
     kl_grad: bool = True,
     chunk_rows: int | None = None,
+    inplace_grad: bool = False,
 ) -> TokenStats:
     """Compute logp, logq, exact per-token KL and entropy in one chunked pass.
 
@@ -148,10 +155,15 @@ def token_stats(
         kl_grad: keep what backward needs to differentiate `kl` (the RB pathwise term). Off,
             the reference logits are released after forward and `kl` carries no gradient.
         chunk_rows: rows of the flattened [B*T, V] logits processed at once.
+        inplace_grad: backward overwrites `policy_logits` with their gradient instead of
+            allocating another [B, T, V] buffer. Only for logits nothing else will read, such as
+            the fresh output of the LM head.
     """
     chunk_rows = chunk_rows or default_chunk_rows(policy_logits.shape[-1])
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    logp, logq, kl, ent = _TokenStatsFunction.apply(policy_logits, ref_logits.detach(), tokens, kl_grad, chunk_rows)
+    logp, logq, kl, ent = _TokenStatsFunction.apply(
+        policy_logits, ref_logits.detach(), tokens, kl_grad, chunk_rows, inplace_grad
+    )
     # The outputs are views of one buffer, which mark_non_differentiable does not cover.
     return TokenStats(logp=logp, logq=logq.detach(), kl=kl if kl_grad else kl.detach(), entropy=ent.detach())
