@@ -16,8 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
 
 from . import plots
-
-ESTIMATORS = ("mc", "k2", "k3", "cv", "cv_opt", "rb")
+from .estimators import LOGGED_ESTIMATORS
 
 
 class ValidationHistory(L.Callback):
@@ -61,45 +60,50 @@ def save_figure(trainer: L.Trainer, fig: Figure, path: Path, tag: str) -> None:
             logger.log_image(key=tag, images=[str(path)], step=trainer.global_step)
 
 
-class RewardVsKLPlot(ValidationHistory):
-    """After every validation epoch: reward against KL over the epochs so far, one PNG per epoch."""
+class EpochPlot(ValidationHistory):
+    """Base of the per-epoch plots: one PNG per validation epoch, `<dirname>/<stem>_epochNNN.png`."""
+
+    stem = "plot"
+    default_estimators: tuple[str, ...] = LOGGED_ESTIMATORS
 
     def __init__(self, estimators: list[str] | None = None, dirname: str = "plots"):
         """
         Args:
-            estimators: KL estimators on the x axis (default: rb only; any of mc, k2, k3, cv, cv_opt, rb).
+            estimators: KL estimators to draw, any of mc, k2, k3, cv, cv_opt, rb.
             dirname: folder under the run directory for the PNGs.
         """
         super().__init__()
-        self.estimators = list(estimators or ["rb"])
-        unknown = set(self.estimators) - set(ESTIMATORS)
+        self.estimators = list(estimators or self.default_estimators)
+        unknown = set(self.estimators) - set(LOGGED_ESTIMATORS)
         if unknown:
-            raise ValueError(f"unknown estimators {sorted(unknown)}; valid: {', '.join(ESTIMATORS)}")
+            raise ValueError(f"unknown estimators {sorted(unknown)}; valid: {', '.join(LOGGED_ESTIMATORS)}")
         self.dirname = dirname
+
+    def draw(self) -> Figure:
+        raise NotImplementedError
 
     def on_history(self, trainer: L.Trainer, run_dir: Path) -> None:
         epoch = int(self.history[-1]["epoch"])
-        fig = plots.reward_vs_kl(self.history, self.estimators)
-        save_figure(trainer, fig, run_dir / self.dirname / f"reward_vs_kl_epoch{epoch:03d}.png", "reward_vs_kl")
+        save_figure(trainer, self.draw(), run_dir / self.dirname / f"{self.stem}_epoch{epoch:03d}.png", self.stem)
 
 
-class EstimatorVariancePlot(ValidationHistory):
-    """After every validation epoch: each KL estimator's per-prompt spread over the epochs so far."""
+class RewardVsKLPlot(EpochPlot):
+    """Reward against KL over the epochs so far (default: RB KL, with standard-error bars)."""
 
-    def __init__(self, estimators: list[str] | None = None, dirname: str = "plots"):
-        """
-        Args:
-            estimators: estimators to draw (default: all).
-            dirname: folder under the run directory for the PNGs.
-        """
-        super().__init__()
-        self.estimators = list(estimators or ESTIMATORS)
-        self.dirname = dirname
+    stem = "reward_vs_kl"
+    default_estimators = ("rb",)
 
-    def on_history(self, trainer: L.Trainer, run_dir: Path) -> None:
-        epoch = int(self.history[-1]["epoch"])
-        fig = plots.estimator_variance(self.history, self.estimators)
-        save_figure(trainer, fig, run_dir / self.dirname / f"estimator_spread_epoch{epoch:03d}.png", "estimator_spread")
+    def draw(self) -> Figure:
+        return plots.reward_vs_kl(self.history, self.estimators)
+
+
+class EstimatorVariancePlot(EpochPlot):
+    """Each KL estimator's per-prompt spread over the epochs so far (default: all estimators)."""
+
+    stem = "estimator_spread"
+
+    def draw(self) -> Figure:
+        return plots.estimator_variance(self.history, self.estimators)
 
 
 class EstimatorTable(ValidationHistory):
@@ -121,7 +125,7 @@ class EstimatorTable(ValidationHistory):
                 "std": last.get(f"val/kl/{name}/prompt_std", float("nan")),
                 "neg_frac": last.get(f"val/kl/{name}/neg_frac", float("nan")),
             }
-            for name in ESTIMATORS
+            for name in LOGGED_ESTIMATORS
         ]
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "estimator_table.csv", "w", newline="") as f:

@@ -32,6 +32,8 @@ from .token_stats import TokenStats, token_stats
 
 VALUE_ESTIMATORS = ("mc", "k2", "k3", "cv", "rb")
 GRADIENT_ESTIMATORS = ("mc", "rb")
+# What training logs: every value estimator, plus cv with the batch-optimal alpha.
+LOGGED_ESTIMATORS = (*VALUE_ESTIMATORS, "cv_opt")
 
 
 def check_estimator(name: str, valid: tuple[str, ...] = VALUE_ESTIMATORS) -> str:

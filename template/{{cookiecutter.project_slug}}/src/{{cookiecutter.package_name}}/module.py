@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from .estimators import all_kl_values, masked_token_stats
+from .estimators import LOGGED_ESTIMATORS, all_kl_values, masked_token_stats
 from .metrics import RunningMoments
 from .models import check_same_vocabulary, disable_dropout, freeze, load_causal_lm, load_tokenizer
 from .objective import LossParts, rloo_kl_loss
@@ -31,8 +31,6 @@ from .rewards import Reward, check_rewards
 from .sampling import Samples, position_ids, sample_responses, sampling_config
 from .schedules import lr_lambda
 from .token_stats import TokenStats
-
-ESTIMATOR_NAMES = ("mc", "k2", "k3", "cv", "cv_opt", "rb")
 
 # Eval mode is deliberate here (see RBKLModule.train); Lightning warns about it at every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
@@ -106,10 +104,14 @@ class RBKLModule(L.LightningModule):
         # One metric per (stage, quantity): never a MetricCollection with compute groups, which
         # would merge these look-alike states and report wrong numbers.
         self.moments = nn.ModuleDict(
-            {f"{stage}_{name}": RunningMoments() for stage in ("train", "val") for name in (*ESTIMATOR_NAMES, "reward")}
+            {
+                f"{stage}_{name}": RunningMoments()
+                for stage in ("train", "val")
+                for name in (*LOGGED_ESTIMATORS, "reward")
+            }
         )
         self.prompt_stats = nn.ModuleDict(
-            {f"{name}_{kind}": MeanMetric() for name in ESTIMATOR_NAMES for kind in ("prompt_mean", "prompt_std")}
+            {f"{name}_{kind}": MeanMetric() for name in LOGGED_ESTIMATORS for kind in ("prompt_mean", "prompt_std")}
         )
         # Checkpoints hold the policy only: the reference and reward are rebuilt from the config.
         self.strict_loading = False
@@ -270,7 +272,7 @@ class RBKLModule(L.LightningModule):
     def log_moments(self, stage: str) -> None:
         """Compute (a DDP collective, on every rank), log and reset the stage's moments."""
         logged = {}
-        for name in ESTIMATOR_NAMES:
+        for name in LOGGED_ESTIMATORS:
             stats = self.moments[f"{stage}_{name}"].compute()
             logged.update({f"{stage}/kl/{name}/{key}": value.float() for key, value in stats.items()})
             self.moments[f"{stage}_{name}"].reset()

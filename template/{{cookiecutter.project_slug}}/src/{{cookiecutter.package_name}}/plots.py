@@ -26,6 +26,17 @@ def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
+def _finish(fig: Figure, ax, xlabel: str, ylabel: str, title: str, legend: str = "lower right") -> Figure:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+        ax.legend(loc=legend)
+    fig.tight_layout()
+    return fig
+
+
 def reward_vs_kl(history: Sequence[Mapping[str, float]], estimators: Sequence[str] = ("rb",)) -> Figure:
     """Reward against KL, one point per validation epoch, with standard-error bars."""
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
@@ -48,14 +59,13 @@ def reward_vs_kl(history: Sequence[Mapping[str, float]], estimators: Sequence[st
         )
         for h, x, y in zip(pts, xs, ys, strict=True):
             ax.annotate(str(int(h["epoch"])), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("KL(policy || reference)  [nats]")
-    ax.set_ylabel("reward")
-    ax.set_title("Reward vs KL after each epoch (labels: epoch; bars: 1 s.e.)")
-    ax.grid(alpha=0.3)
-    if ax.has_data():
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    return fig
+    return _finish(
+        fig,
+        ax,
+        "KL(policy || reference)  [nats]",
+        "reward",
+        "Reward vs KL after each epoch (labels: epoch; bars: 1 s.e.)",
+    )
 
 
 def estimator_variance(history: Sequence[Mapping[str, float]], estimators: Sequence[str]) -> Figure:
@@ -70,13 +80,14 @@ def estimator_variance(history: Sequence[Mapping[str, float]], estimators: Seque
             ax.plot(*zip(*pts, strict=True), marker="o", color=COLORS.get(name), label=name)
     if ax.has_data():
         ax.set_yscale("symlog", linthresh=1e-3)
-        ax.legend()
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("std of the KL estimate over samples of a prompt")
-    ax.set_title("Spread of each KL estimator over samples of a prompt")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(
+        fig,
+        ax,
+        "epoch",
+        "std of the KL estimate over samples of a prompt",
+        "Spread of each KL estimator over samples of a prompt",
+        legend="upper left",
+    )
 
 
 def pareto(points: Sequence[Mapping], frontier: set[int], group_key: str = "kl_gradient") -> Figure:
@@ -105,11 +116,10 @@ def pareto(points: Sequence[Mapping], frontier: set[int], group_key: str = "kl_g
             lw=1,
             label="Pareto frontier",
         )
-    ax.set_xlabel("final KL(policy || reference)")
-    ax.set_ylabel("final reward")
-    ax.set_title("Runs on the reward-KL plane (ringed: on the frontier)")
-    ax.grid(alpha=0.3)
-    if ax.has_data():
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    return fig
+    return _finish(
+        fig,
+        ax,
+        "final KL(policy || reference)",
+        "final reward",
+        "Runs on the reward-KL plane (ringed: on the frontier)",
+    )

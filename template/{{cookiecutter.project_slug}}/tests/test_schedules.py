@@ -1,0 +1,31 @@
+"""Learning-rate multipliers: warmup, then constant or decay to zero at the last step."""
+
+import math
+
+import pytest
+
+from {{ cookiecutter.package_name }}.schedules import lr_lambda
+
+
+def test_warmup_then_constant():
+    f = lr_lambda(4, None, "constant")
+    assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("decay, middle", [("linear", 0.5), ("cosine", 0.5)])
+def test_decay_reaches_zero_at_the_last_step(decay, middle):
+    f = lr_lambda(2, 12, decay)
+    assert f(1) == 1.0 and f(2) == 1.0
+    assert f(7) == pytest.approx(middle)
+    assert f(12) == pytest.approx(0.0, abs=1e-12)
+    if decay == "cosine":
+        assert f(4) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+
+
+def test_bad_schedules_are_refused():
+    with pytest.raises(ValueError, match="needs a finite number of steps"):
+        lr_lambda(0, None, "linear")
+    with pytest.raises(ValueError, match="lr_decay must be"):
+        lr_lambda(0, 10, "exp")
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        lr_lambda(-1, 10, "constant")
