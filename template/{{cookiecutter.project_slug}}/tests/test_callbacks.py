@@ -66,3 +66,25 @@ def test_estimator_table_is_written_with_every_estimator(run_dir):
 def test_unknown_estimator_in_plot_is_refused():
     with pytest.raises(ValueError, match="unknown estimators"):
         RewardVsKLPlot(estimators=["k9"])
+
+
+def test_plots_reach_tensorboard_when_it_is_the_logger(tmp_path):
+    pytest.importorskip("tensorboardX")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=TensorBoardLogger(tmp_path, name="tb"),
+        callbacks=[RewardVsKLPlot()],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_train_batches=2,
+        log_every_n_steps=1,
+    )
+    trainer.fit(RBKLModule(reward=VaderSentimentReward(), val_samples_per_prompt=2), PromptDataModule(batch_size=8))
+    events = b"".join(p.read_bytes() for p in tmp_path.rglob("events.out.tfevents.*"))
+    assert b"reward_vs_kl" in events and b"\x89PNG" in events  # the figure, as a PNG image summary
+    assert b"train/kl/rb/mean" in events
+    assert list((Path(trainer.log_dir) / "plots").glob("reward_vs_kl_epoch000.png"))
