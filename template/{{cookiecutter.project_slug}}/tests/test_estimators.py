@@ -24,7 +24,7 @@ def models():
 
 
 def naive_values(p: TabularLM, q: TabularLM, tokens, mask) -> dict[str, torch.Tensor]:
-    """Each estimator per string, written out from DESIGN.md section 4 with full log-softmaxes."""
+    """Each estimator per string, written out from docs/estimators.md §3 with full log-softmaxes."""
     logp_all = torch.log_softmax(p.logits(tokens), -1)
     logq_all = torch.log_softmax(q.logits(tokens), -1)
     idx = tokens.unsqueeze(-1)
@@ -89,7 +89,7 @@ def test_rb_and_k3_are_never_negative_and_mc_sometimes_is(models):
 
 
 def test_design_counterexample_rb_has_higher_variance_than_mc():
-    # DESIGN.md section 4. Vocabulary: EOS, a, b, c, z. Strings "a z EOS" and "b z EOS".
+    # docs/estimators.md §3. Vocabulary: EOS, a, b, c, z. Strings "a z EOS" and "b z EOS".
     ninf, log = float("-inf"), math.log
     eos, a, b, c, z = range(5)
     tokens = torch.tensor([[a, z, eos], [b, z, eos]])

@@ -1,4 +1,4 @@
-"""Traps 1-4 of DESIGN.md section 6: sampling settings, dropout, position ids, EOS masks."""
+"""Traps 1-4 of docs/estimators.md §6: sampling settings, dropout, position ids, EOS masks."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """Estimators of KL(p || q) between a policy p and a reference q, and of its gradient.
 
-Pure PyTorch, no Lightning. Implements DESIGN.md sections 4-5 with the contract of section 7:
+Pure PyTorch, no Lightning. Implements docs/estimators.md §3-4 with this contract:
 
     sequence_kl(policy_logits, ref_logits, tokens, mask, estimator) -> Tensor[B]
     kl_grad_surrogate(policy_logits, ref_logits, tokens, mask, estimator) -> Tensor[B]
@@ -17,7 +17,7 @@ Value estimators for one response y ~ p (d_t = log p(y_t|y_<t) - log q(y_t|y_<t)
 
 RB is a sum of per-step conditional expectations E[d_t | y_<t] = KL_t. That removes the
 variance of each step's token, but not always the variance of the whole sequence: for some pairs
-of models Var[rb] > Var[mc] (DESIGN.md section 4). Measure, don't assume.
+of models Var[rb] > Var[mc] (docs/estimators.md §3). Measure, don't assume.
 
 The module computes `token_stats` once per batch and derives every estimate from it with
 `kl_values` and `kl_surrogate`; the two contract functions are thin wrappers for one estimator.
@@ -224,7 +224,7 @@ def kl_grad_surrogate(
 
     Differentiate `kl_grad_surrogate(...).mean()` w.r.t. the parameters that produced
     `policy_logits`. The forward value is not the KL. Arguments as in `sequence_kl`;
-    `estimator` is "mc" or "rb" (causal KL-to-go form, DESIGN.md section 5).
+    `estimator` is "mc" or "rb" (causal KL-to-go form, docs/estimators.md §4).
     """
     check_estimator(estimator, GRADIENT_ESTIMATORS)
     stats = masked_token_stats(

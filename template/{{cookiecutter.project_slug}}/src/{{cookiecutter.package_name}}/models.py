@@ -55,7 +55,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; responses could never end")
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token (trap 4: masks use EOS)
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token (§6.4: masks use the first EOS)
     tokenizer.padding_side = "left"
     return tokenizer
 
@@ -88,7 +88,7 @@ def check_same_vocabulary(policy: nn.Module, reference: nn.Module, tokenizer: Pr
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Dropout makes the training forward disagree with the distribution that sampled (trap 2)."""
+    """Dropout makes the training forward disagree with the distribution that sampled (docs/estimators.md §6.2)."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -99,7 +99,7 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    """No gradients, eval mode, dropout off: for the reference and the reward model (trap 6)."""
+    """No gradients, eval mode, dropout off: for the reference and the reward model (docs/estimators.md §6.6)."""
     model.requires_grad_(False)
     disable_dropout(model)
     return model.eval()

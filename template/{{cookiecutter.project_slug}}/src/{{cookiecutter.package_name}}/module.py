@@ -1,6 +1,6 @@
 """The LightningModule: KL-regularised RLOO fine-tuning of a policy against a frozen reference.
 
-One training step (DESIGN.md sections 5-6):
+One training step (docs/estimators.md §4-6):
     prompts -> k samples each from the policy (sampling exactly from p)
             -> rewards on the decoded text
             -> policy (with grad) and reference (no grad) logits on prompt + response
@@ -181,7 +181,7 @@ class RBKLModule(L.LightningModule):
         out = model(
             input_ids=samples.input_ids,
             attention_mask=attention.long(),
-            position_ids=position_ids(attention),  # as generate computed them (trap 3)
+            position_ids=position_ids(attention),  # as generate computed them (docs/estimators.md §6.3)
             # Only the response positions go through the LM head: no [B, prompt, V] logits.
             logits_to_keep=torch.arange(prompt_len - 1, prompt_len + response_len - 1, device=self.device),
             use_cache=False,

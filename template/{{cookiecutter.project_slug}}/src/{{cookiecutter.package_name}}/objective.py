@@ -1,4 +1,4 @@
-"""The KL-regularised RLOO objective as a surrogate loss (DESIGN.md section 5).
+"""The KL-regularised RLOO objective as a surrogate loss (docs/estimators.md §5).
 
 For a prompt with k samples y_1..y_k, rewards R_i and KL coefficient beta, the autograd gradient
 of the loss is the estimate

@@ -1,7 +1,7 @@
 """Rewards: callables `(prompts, responses) -> Tensor[N]` of floats, one per response.
 
 Any such callable can be plugged into the module by `class_path` in a config. Rewards receive
-decoded text: a reward model with its own tokenizer re-encodes it (DESIGN.md trap 7).
+decoded text: a reward model with its own tokenizer re-encodes it (docs/estimators.md §6.7).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class SentimentClassifierReward(nn.Module, Reward):
         self.batch_size = batch_size
 
     def train(self, mode: bool = True):
-        return super().train(False)  # always eval: dropout off (trap 2)
+        return super().train(False)  # always eval: dropout off (docs/estimators.md §6.2)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
@@ -109,7 +109,7 @@ class SentimentClassifierReward(nn.Module, Reward):
         device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(texts), self.batch_size):
-            # Re-encode with the classifier's own tokenizer (trap 7).
+            # Re-encode with the classifier's own tokenizer (docs/estimators.md §6.7).
             enc = self.tokenizer(
                 texts[start : start + self.batch_size],
                 padding=True,

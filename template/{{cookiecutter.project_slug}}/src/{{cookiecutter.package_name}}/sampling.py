@@ -1,4 +1,4 @@
-"""Sampling responses from the policy exactly as the KL estimators assume (DESIGN.md section 6).
+"""Sampling responses from the policy exactly as the KL estimators assume (docs/estimators.md §6).
 
 Every estimator assumes y ~ p, the policy's own distribution. Any logits processor (temperature,
 top-k, top-p, repetition penalty, a minimum length, banned words...) samples from another

@@ -1,14 +1,14 @@
 """Per-token statistics of a policy p against a reference q, fused and chunked over positions.
 
-Every KL estimator in `estimators.py` is a function of four per-token quantities (DESIGN.md
-section 3):
+Every KL estimator in `estimators.py` is a function of four per-token quantities
+(docs/estimators.md §2):
 
     logp_t = log p(y_t | y_<t)        logq_t = log q(y_t | y_<t)
     kl_t   = sum_v p(v | y_<t) (log p(v | y_<t) - log q(v | y_<t))     (exact, full vocabulary)
     ent_t  = - sum_v p(v | y_<t) log p(v | y_<t)
 
 A naive implementation materialises log_softmax of both models, p, and their products: several
-[B, T, V] tensors, which dominate memory for 50k-150k vocabularies (DESIGN.md trap 8). Here one
+[B, T, V] tensors, which dominate memory for 50k-150k vocabularies (docs/estimators.md §6.8). Here one
 pass over row chunks of the logits computes all four at once, and backward recomputes the
 chunk's softmax from the saved logits and two log-normalisers, using
 
