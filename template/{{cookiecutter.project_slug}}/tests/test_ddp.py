@@ -68,3 +68,61 @@ def test_plots_and_checkpoints_are_written_once(ddp_run):
     pngs = sorted(p.name for p in (runs[0] / "plots").glob("reward_vs_kl_epoch*.png"))
     assert pngs == [f"reward_vs_kl_epoch{e:03d}.png" for e in range(4)]
     assert len(list(ddp_run.rglob("*.ckpt"))) == 1
+
+
+def _generation_worker(rank: int, port: int, synced: bool, out_dir: str) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from {{ cookiecutter.package_name }}.models import load_causal_lm
+    from {{ cookiecutter.package_name }}.sampling import sample_responses, sampling_config
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = load_causal_lm("builtin:tiny-gpt2").eval()
+        calls = []
+
+        def force_length(module, args, logits):
+            calls.append(1)
+            # Rank 0 always ends at once with EOS (id 0); rank 1 never does, so it runs to the limit.
+            logits[..., 0] = 100.0 if rank == 0 else -100.0
+            return logits
+
+        model.lm_head.register_forward_hook(force_length)
+        torch.manual_seed(rank)
+        samples = sample_responses(
+            model,
+            torch.tensor([[5, 6, 7]]),
+            torch.ones(1, 3, dtype=torch.bool),
+            2,
+            sampling_config(10, 0, 0),
+            synced_gpus=synced,
+        )
+        record = {"forwards": len(calls), "lengths": samples.response_mask.sum(1).tolist()}
+        (Path(out_dir) / f"gen{rank}.json").write_text(json.dumps(record))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("synced", [True, False])
+def test_synced_generation_keeps_finished_ranks_stepping(tmp_path, synced):
+    # Under FSDP every forward gathers weights from all ranks: a rank that stops generating early
+    # would leave the others waiting forever. With synced_gpus, both ranks run the same forwards.
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_generation_worker, args=(port, synced, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"gen{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["lengths"] == [1, 1] and ranks[1]["lengths"] == [10, 10]
+    if synced:
+        assert ranks[0]["forwards"] == ranks[1]["forwards"] == 10
+    else:
+        assert ranks[0]["forwards"] < ranks[1]["forwards"]  # the situation that deadlocks FSDP
