@@ -10,11 +10,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     DistilBertConfig,
     DistilBertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
     GPT2TokenizerFast,
     PreTrainedTokenizerFast,
 )
+
+from {{ cookiecutter.package_name }}.models import tiny_gpt2
 
 CORPUS = [
     "this movie was great and the acting was wonderful",
@@ -52,20 +52,17 @@ def _bert_tokenizer() -> PreTrainedTokenizerFast:
 
 def save_tiny_gpt2(folder: Path, dropout: float = 0.0, vocab_extra: int = 0, seed: int = 0) -> Path:
     tokenizer = _gpt2_tokenizer()
-    config = GPT2Config(
-        vocab_size=len(tokenizer) + vocab_extra,
-        n_positions=64,
+    model = tiny_gpt2(
+        len(tokenizer) + vocab_extra,
+        tokenizer.eos_token_id,
+        seed,
         n_embd=32,
-        n_layer=2,
-        n_head=2,
+        pad_token_id=None,  # like GPT-2
         resid_pdrop=dropout,
         embd_pdrop=dropout,
         attn_pdrop=dropout,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(seed)
-    GPT2LMHeadModel(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -31,16 +31,14 @@ def parse_builtin(name: str) -> tuple[str, int]:
     return kind, seed
 
 
-def tiny_gpt2(vocab_size: int, eos_token_id: int, seed: int) -> GPT2LMHeadModel:
+def tiny_gpt2(vocab_size: int, eos_token_id: int, seed: int, **config_overrides) -> GPT2LMHeadModel:
+    """A small random GPT-2 (2 layers x 64 wide, 64 positions); `config_overrides` go to GPT2Config."""
+    settings = {"n_positions": 64, "n_embd": 64, "n_layer": 2, "n_head": 2, "pad_token_id": eos_token_id}
     config = GPT2Config(
         vocab_size=vocab_size,
-        n_positions=64,
-        n_embd=64,
-        n_layer=2,
-        n_head=2,
         bos_token_id=eos_token_id,
         eos_token_id=eos_token_id,
-        pad_token_id=eos_token_id,
+        **{**settings, **config_overrides},
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
