@@ -86,3 +86,30 @@ def test_check_rewards_refuses_wrong_shapes_and_names_non_finite_texts():
         check_rewards(torch.zeros(3), ["a", "b"], ["c", "d"])
     with pytest.raises(ValueError, match="non-finite reward inf for prompt 'b' and response 'd'"):
         check_rewards(torch.tensor([0.0, float("inf")]), ["a", "b"], ["c", "d"])
+
+
+def test_hub_source_cuts_reviews_to_2_to_8_tokens(monkeypatch, hf_checkpoints):
+    # The IMDB path without the hub: a stand-in `datasets` module serves two splits.
+    import sys
+    import types
+
+    from transformers import AutoTokenizer
+
+    reviews = {
+        "train": [f"review {i}: this movie was great<br />and the acting was wonderful indeed" for i in range(30)],
+        "test": [f"test {i}: a terrible film with a boring plot and bad actors" for i in range(30)],
+    }
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, split: {"text": reviews[split]} if name == "stanfordnlp/imdb" else None
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    tokenizer_path = str(hf_checkpoints["gpt2"])
+    data = PromptDataModule(source="hf", hf_tokenizer=tokenizer_path, max_train_prompts=20, num_val_prompts=5)
+    data.setup("fit")
+    assert len(data.train_prompts) == 20 and len(data.val_prompts) == 5
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    lengths = [len(tokenizer(p)["input_ids"]) for p in data.train_prompts + data.val_prompts]
+    assert min(lengths) >= 2 and max(lengths) <= 8 and len(set(lengths)) > 1
+    assert all(p.startswith("test") for p in data.val_prompts), "validation comes from the test split"
+    assert not any("<br />" in p for p in data.train_prompts)
+    with pytest.raises(ValueError, match="needs data.hf_tokenizer"):
+        PromptDataModule(source="hf").setup("fit")

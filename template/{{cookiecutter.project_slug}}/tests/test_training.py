@@ -105,3 +105,42 @@ def test_bfloat16_weights_train_a_step(tmp_path):
     module = RBKLModule(reward=KeywordReward(["good"]), dtype="bfloat16")
     assert next(module.policy.parameters()).dtype == torch.bfloat16
     fit(module, tmp_path, steps=1, enable_checkpointing=False)
+
+
+class WeightsAtStart(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.weights = {k: v.clone() for k, v in pl_module.policy.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_training_resumes_from_the_last_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from {{ cookiecutter.package_name }}.callbacks import RewardVsKLPlot
+
+    def trainer(epochs):
+        return L.Trainer(
+            accelerator="cpu",
+            max_epochs=epochs,
+            logger=CSVLogger(tmp_path, name="run"),
+            callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), RewardVsKLPlot()],
+            enable_progress_bar=False,
+            limit_train_batches=2,
+            log_every_n_steps=1,
+        )
+
+    L.seed_everything(0)
+    first = trainer(1)
+    module = RBKLModule(reward=KeywordReward(["good"]), lr=3e-3, val_samples_per_prompt=2)
+    first.fit(module, PromptDataModule(batch_size=8))
+    trained = {k: v.clone() for k, v in module.policy.state_dict().items()}
+
+    second = trainer(2)
+    resumed = RBKLModule(reward=KeywordReward(["good"]), lr=3e-3, val_samples_per_prompt=2)
+    probe = WeightsAtStart()
+    second.callbacks.append(probe)
+    second.fit(resumed, PromptDataModule(batch_size=8), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert all(torch.equal(probe.weights[k], trained[k]) for k in trained), "the policy weights must be restored"
+    assert second.global_step == 4
+    plot = next(c for c in second.callbacks if isinstance(c, RewardVsKLPlot))
+    assert [h["epoch"] for h in plot.history] == [0.0, 1.0], "the plot history survives the resume"
