@@ -79,10 +79,11 @@ def test_no_template_syntax_survives(which, request):
 
 
 @pytest.mark.parametrize("which", ["default_bake", "custom_bake"])
-def test_baked_code_passes_ruff(which, request):
+def test_baked_code_passes_ruff_lint_and_format(which, request):
     project = request.getfixturevalue(which)
-    result = run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], project, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
+    for command in (["check"], ["format", "--check"]):
+        result = run([sys.executable, "-m", "ruff", *command, "--no-cache", "."], project, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_baked_project_tests_pass(default_bake):
