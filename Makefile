@@ -28,11 +28,12 @@ $(VENV)/.installed: $(PY) $(TEMPLATE_FILES)
 
 install: $(VENV)/.installed
 
-test: install
+test: install lint
 	$(PY) -m pytest tests
 
 lint: install
-	$(PY) -m ruff check tests template/hooks
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 demo: install
 	rm -rf $(DEMO_DIR)

@@ -55,8 +55,14 @@ def custom_bake(tmp_path_factory) -> Path:
 def test_default_bake_has_the_expected_files(default_bake):
     assert default_bake.name == "rbkl-project"
     assert files_of(default_bake) == expected_files("rbkl_project")
-    for required in ("README.md", "pyproject.toml", "train.py", "configs/default.yaml",
-                     "src/rbkl_project/estimators.py", "tests/test_estimators.py"):
+    for required in (
+        "README.md",
+        "pyproject.toml",
+        "train.py",
+        "configs/default.yaml",
+        "src/rbkl_project/estimators.py",
+        "tests/test_estimators.py",
+    ):
         assert (default_bake / required).is_file(), required
 
 
