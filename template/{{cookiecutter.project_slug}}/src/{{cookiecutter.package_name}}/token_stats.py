@@ -8,14 +8,19 @@ Every KL estimator in `estimators.py` is a function of four per-token quantities
     ent_t  = - sum_v p(v | y_<t) log p(v | y_<t)
 
 A naive implementation materialises log_softmax of both models, p, and their products: several
-[B, T, V] tensors, which dominate memory for 50k-150k vocabularies (docs/estimators.md §6.8). Here one
-pass over row chunks of the logits computes all four at once, and backward recomputes the
-chunk's softmax from the saved logits and two log-normalisers, using
+[B, T, V] tensors, which dominate memory for 50k-150k vocabularies (docs/estimators.md §6.8).
+Here one pass over row chunks of the logits (x: policy, y: reference) computes all four, using
+sum_v p_v = 1 to avoid a log-softmax per element:
 
-    d logp_t / d z_t = onehot(y_t) - p_t
-    d kl_t   / d z_t = p_t * (log p_t - log q_t - kl_t)         (z_t: policy logits at t)
+    kl_t = <p_t, x_t - y_t> - lse(x_t) + lse(y_t)        ent_t = lse(x_t) - <p_t, x_t>
 
-so the only full-vocabulary tensors alive are the logits themselves and the gradient buffer.
+Backward recomputes each chunk's softmax from the saved logits and log-normalisers, using
+
+    d logp_t / d x_t = onehot(y_t) - p_t
+    d kl_t   / d x_t = p_t * (log p_t - log q_t - kl_t)
+
+so the only full-vocabulary tensors alive are the logits themselves and the gradient, which
+with `inplace_grad` overwrites the policy logits it was computed from.
 """
 
 from __future__ import annotations
