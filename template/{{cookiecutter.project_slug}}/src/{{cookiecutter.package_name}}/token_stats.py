@@ -16,7 +16,7 @@ sum_v p_v = 1 to avoid a log-softmax per element:
 
 Backward recomputes each chunk's softmax from the saved logits and log-normalisers, using
 
-    d logp_t / d x_t = onehot(y_t) - p_t
+    d logp_t / d x_t = onehot(token_t) - p_t
     d kl_t   / d x_t = p_t * (log p_t - log q_t - kl_t)
 
 so the only full-vocabulary tensors alive are the logits themselves and the gradient, which
