@@ -59,10 +59,11 @@ def test_a_short_run_on_a_learnable_reward_raises_the_reward(tmp_path):
     assert checkpoint["state_dict"] and all(k.startswith("policy.") for k in checkpoint["state_dict"])
 
 
-def test_mc_gradient_trains_too(tmp_path):
-    module = RBKLModule(reward=KeywordReward(["good"]), kl_gradient="mc", lr=1e-3)
+def test_mc_gradient_trains_too_and_the_schedule_is_logged(tmp_path):
+    module = RBKLModule(reward=KeywordReward(["good"]), kl_gradient="mc", lr=1e-3, warmup_steps=2)
     trainer = fit(module, tmp_path, steps=3, enable_checkpointing=False)
     assert len(logged(trainer, "train/kl/mc/var")) == 3
+    assert logged(trainer, "train/lr") == pytest.approx([5e-4, 1e-3, 1e-3])
 
 
 def test_policy_and_reference_must_share_a_vocabulary(hf_checkpoints):

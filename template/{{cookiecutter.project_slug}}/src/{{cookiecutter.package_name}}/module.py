@@ -237,20 +237,20 @@ class RBKLModule(L.LightningModule):
             reduced = self.trainer.strategy.reduce(torch.stack(list(scalars.values())).float(), reduce_op="mean")
             logged = dict(zip(scalars, reduced, strict=True))
             logged["train/global_batch"] = torch.tensor(float(len(batch) * k * self.trainer.world_size))
+            logged["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
             logged.update(self.compute_moments("train"))
             self.write_to_loggers(logged)
             progress = {"reward": logged["train/reward/mean"], "kl_rb": logged["train/kl/rb/mean"]}
             self.log_dict(progress, prog_bar=True, logger=False)
         # Callbacks see this rank's per-sample values in on_train_batch_end.
-        return {"loss": parts.loss, "rewards": rewards, **{f"kl/{k}": v for k, v in values.items()}}
+        return {"loss": parts.loss, "rewards": rewards, **{f"kl/{name}": v for name, v in values.items()}}
 
     def validation_step(self, batch: list[str], batch_idx: int) -> None:
         m = self.hparams.val_samples_per_prompt
         samples = self.sample(batch, m)
         prompts = [p for p in batch for _ in range(m)]
         rewards = self.score(prompts, self.decode_responses(samples))
-        with torch.no_grad():
-            stats = self.token_stats(samples, kl_grad=False)
+        stats = self.token_stats(samples, kl_grad=False)  # Lightning validates without grad
         values = all_kl_values(stats, samples.response_mask)
         self.update_moments("val", values, rewards)
         # The paper's estimator study: spread of each estimator over M samples of one prompt.
