@@ -19,6 +19,11 @@ from . import plots
 from .estimators import LOGGED_ESTIMATORS
 
 
+def run_directory(trainer: L.Trainer) -> Path:
+    """Where a run's files go. Call it on every rank: `trainer.log_dir` is a broadcast."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
 class ValidationHistory(L.Callback):
     """Keeps every validation epoch's `val/*` metrics (also across a resume, via the checkpoint)."""
 
@@ -35,7 +40,7 @@ class ValidationHistory(L.Callback):
         snapshot["epoch"] = float(trainer.current_epoch)
         snapshot["step"] = float(trainer.global_step)
         self.history.append(snapshot)
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: a broadcast
+        run_dir = run_directory(trainer)
         if trainer.is_global_zero:
             self.on_history(trainer, run_dir)
 
@@ -114,7 +119,7 @@ class EstimatorTable(ValidationHistory):
     """
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        run_dir = run_directory(trainer)
         if not trainer.is_global_zero or not self.history:
             return
         last = self.history[-1]

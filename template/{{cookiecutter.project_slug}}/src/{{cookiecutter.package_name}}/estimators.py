@@ -36,10 +36,9 @@ GRADIENT_ESTIMATORS = ("mc", "rb")
 LOGGED_ESTIMATORS = (*VALUE_ESTIMATORS, "cv_opt")
 
 
-def check_estimator(name: str, valid: tuple[str, ...] = VALUE_ESTIMATORS) -> str:
+def check_estimator(name: str, valid: tuple[str, ...] = VALUE_ESTIMATORS) -> None:
     if name not in valid:
         raise ValueError(f"unknown KL estimator {name!r}; valid names are {', '.join(valid)}")
-    return name
 
 
 def check_inputs(policy_logits: Tensor, ref_logits: Tensor, tokens: Tensor, mask: Tensor) -> None:
@@ -125,7 +124,7 @@ def kl_values(stats: TokenStats, mask: Tensor, estimator: str, *, alpha: float |
     return f + cv_alpha(f, g, alpha) * g
 
 
-def cv_alpha(f: Tensor, g: Tensor, alpha: float | str) -> Tensor | float:
+def cv_alpha(f: Tensor, g: Tensor, alpha: float | str) -> float:
     """The control-variate coefficient: a fixed number, or "optimal" = -Cov(f, g)/Var(g).
 
     The batch estimate of the optimal alpha uses the same samples it is applied to, so the cv
@@ -142,7 +141,7 @@ def cv_alpha(f: Tensor, g: Tensor, alpha: float | str) -> Tensor | float:
     if var_g <= 0:
         return 0.0
     cov = ((f - f.mean()) * (g - g.mean())).sum() / (f.numel() - 1)
-    return (-cov / var_g).to(f.dtype if f.is_floating_point() else torch.float32).item()
+    return (-cov / var_g).item()
 
 
 def all_kl_values(stats: TokenStats, mask: Tensor) -> dict[str, Tensor]:

@@ -29,11 +29,12 @@ def merge_moments(stacked: Tensor) -> Tensor:
 def _merge_two(a: Tensor, b: Tensor) -> Tensor:
     n_a, n_b = a[0], b[0]
     n = n_a + n_b
-    if n == 0:
-        return a
+    # No `if n == 0` branch: it would sync the device on every update. Two empty sides give
+    # delta * 0 / 1 = 0, i.e. the zero state back.
+    n_safe = n.clamp(min=1)
     delta = b[1] - a[1]
-    mean = a[1] + delta * n_b / n
-    m2 = a[2] + b[2] + delta.square() * n_a * n_b / n
+    mean = a[1] + delta * n_b / n_safe
+    m2 = a[2] + b[2] + delta.square() * n_a * n_b / n_safe
     return torch.stack([n, mean, m2, a[3] + b[3]])
 
 

@@ -138,13 +138,14 @@ class RBKLModule(L.LightningModule):
         """Left-padded prompt ids [B, P] and mask [B, P] bool; refuses prompts that cannot fit."""
         enc = self.tokenizer(list(prompts), padding=True, return_tensors="pt")
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device).bool()
-        if (mask.sum(1) == 0).any():
+        lengths = mask.sum(1)  # [B]
+        if (lengths == 0).any():
             raise ValueError("empty prompt: every prompt needs at least one token")
         limit = self.context_length()
         if limit is not None and ids.shape[1] + self.hparams.max_new_tokens > limit:
-            longest = prompts[int(mask.sum(1).argmax())]
+            longest = prompts[int(lengths.argmax())]
             raise ValueError(
-                f"prompt of {int(mask.sum(1).max())} tokens + max_new_tokens={self.hparams.max_new_tokens} exceeds "
+                f"prompt of {int(lengths.max())} tokens + max_new_tokens={self.hparams.max_new_tokens} exceeds "
                 f"the model's context of {limit} tokens: {longest[:80]!r}"
             )
         return ids, mask

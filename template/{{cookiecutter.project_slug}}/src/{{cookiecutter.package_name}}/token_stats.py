@@ -164,7 +164,8 @@ def token_stats(
             allocating another [B, T, V] buffer. Only for logits nothing else will read, such as
             the fresh output of the LM head.
     """
-    chunk_rows = chunk_rows or default_chunk_rows(policy_logits.shape[-1])
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(policy_logits.shape[-1])
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     logp, logq, kl, ent = _TokenStatsFunction.apply(
