@@ -9,7 +9,7 @@ TORCH ?= torch
 BUILD := .build
 DEMO_DIR ?= demo
 DEMO_PROJECT := $(DEMO_DIR)/rbkl-project
-TEMPLATE_FILES := $(shell find cookiecutter.json template -type f -not -path '*/__pycache__/*')
+TEMPLATE_FILES := $(shell find cookiecutter.json hooks '{{cookiecutter.project_slug}}' -type f -not -path '*/__pycache__/*')
 
 .PHONY: install test demo lint clean
 

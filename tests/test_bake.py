@@ -11,7 +11,7 @@ import pytest
 from cookiecutter.main import cookiecutter
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATE_PROJECT = ROOT / "template" / "{{cookiecutter.project_slug}}"
+TEMPLATE_PROJECT = ROOT / "{{cookiecutter.project_slug}}"
 BINARY_SUFFIXES = {".png"}
 CUSTOM = {
     "project_name": 'Jane\'s "Quoted" KL Study',
