@@ -127,3 +127,20 @@ def test_invalid_names_are_refused_with_the_hook_message(tmp_path, context, mess
     assert message in result.stderr
     assert not any((tmp_path / "out").glob("*")), "a refused bake must leave nothing behind"
     assert not (tmp_path / "pwned").exists()
+
+
+def test_an_interactive_bake_asks_for_the_project_name_first(tmp_path):
+    # Answers on stdin, as a person types them: a name, then Enter for every default.
+    result = subprocess.run(
+        [sys.executable, "-m", "cookiecutter", str(ROOT), "-o", str(tmp_path)],
+        input="Interactive KL Study\n" + "\n" * 10,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    first_prompt = result.stdout.lstrip().splitlines()[0]
+    assert first_prompt.startswith("[1/7] Project name"), result.stdout[:300]
+    assert "Select a template" not in result.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["interactive-kl-study"]
+    assert (tmp_path / "interactive-kl-study" / "src" / "interactive_kl_study" / "module.py").is_file()
