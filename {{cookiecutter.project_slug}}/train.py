@@ -23,6 +23,8 @@ class CLI(LightningCLI):
                     {"class_path": "{{ cookiecutter.package_name }}.callbacks.RewardVsKLPlot"},
                     {"class_path": "{{ cookiecutter.package_name }}.callbacks.EstimatorVariancePlot"},
                     {"class_path": "{{ cookiecutter.package_name }}.callbacks.EstimatorTable"},
+                    {"class_path": "{{ cookiecutter.package_name }}.callbacks.SampleTable"},
+                    {"class_path": "{{ cookiecutter.package_name }}.callbacks.KLReport"},
                 ],
             }
         )

@@ -1,14 +1,23 @@
 """RB vs MC: training-step time and peak memory, measured side by side in one process.
 
-    python benchmarks/step.py                      # shapes a and b, CPU or the first GPU
+    python benchmarks/step.py                      # shapes a and b, both APIs, CPU or the first GPU
     python benchmarks/step.py --shapes a --pairs 9 --dtype bfloat16 --with-generation
+    python benchmarks/step.py --api public         # only the public functions
 
-Each pair runs one training step with the MC KL gradient and one with the RB gradient, in
-alternating order, on the same fixed samples (random-init GPT-2, no download). A step is the
-policy and reference forward on prompt + response, every KL estimate, the RLOO loss, backward
-and the AdamW update; with --with-generation it also samples the responses. Prints the median
-rb/mc time ratio and the rb/mc ratio of the step's peak memory (above the memory held before
-the step), as plain lines and as one JSON line.
+Each pair runs one step with the MC KL gradient and one with the RB gradient, in alternating
+order, on the same fixed samples (random-init GPT-2, no download). Two ways to take a step:
+
+    module  RBKLModule.model_step, the code that trains: policy and reference forward on prompt +
+            response (LM head on response positions only), every KL estimate, the RLOO loss
+    public  what a user of the estimators writes in their own trainer: plain logits
+            `model(ids).logits[:, P - 1 : -1]` into `kl_grad_surrogate(...)`, beta times its mean
+            ("lean": `logits_to_keep` for the response positions and `inplace=True`, as the
+            module does)
+
+then backward and the AdamW update; with --with-generation the module step also samples the
+responses. Prints, per API, the median rb/mc time ratio and the rb/mc ratio of the step's peak
+memory (above the memory held before the step), and the public rb steps (lean and plain)
+against the module's rb step, as plain lines and as one JSON line.
 
 Shapes (GPT-2 architecture, vocabulary 50257, 16 responses x 64 tokens after an 8-token prompt):
     a  2 layers x 256 wide: the vocabulary dominates the step
@@ -28,10 +37,10 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from {{ cookiecutter.package_name }}.estimators import all_kl_values
-from {{ cookiecutter.package_name }}.module import RBKLModule
+from {{ cookiecutter.package_name }}.estimators import kl_grad_surrogate
+from {{ cookiecutter.package_name }}.module import RBKLModule, Rollout
 from {{ cookiecutter.package_name }}.rewards import KeywordReward
-from {{ cookiecutter.package_name }}.sampling import Samples, response_mask
+from {{ cookiecutter.package_name }}.sampling import Samples, position_ids, response_mask
 
 SHAPES = {"a": {"n_layer": 2, "n_embd": 256, "n_head": 4}, "b": {"n_layer": 12, "n_embd": 768, "n_head": 12}}
 VOCAB, RESPONSES, PROMPT_LEN, RESPONSE_LEN, K = 50257, 16, 8, 64, 2
@@ -96,86 +105,140 @@ def fixed_samples(device: torch.device) -> Samples:
     )
 
 
-def training_step(module: RBKLModule, optimizer, samples: Samples, kl_gradient: str, generate: bool) -> None:
-    module.hparams.kl_gradient = kl_gradient
+def fixed_rollout(samples: Samples) -> Rollout:
+    rewards = torch.randn(samples.response.shape[0], generator=torch.Generator().manual_seed(1))
+    return Rollout(["the movie was"] * (RESPONSES // K), samples, rewards.to(samples.response.device), K)
+
+
+def module_step(module: RBKLModule, rollout: Rollout, kl_gradient: str, generate: bool) -> None:
     if generate:
-        prompts = ["the movie was"] * (RESPONSES // K)
-        samples = module.sample(prompts, K)
-    rewards = torch.randn(samples.response.shape[0], device=samples.response.device)
-    stats = module.token_stats(samples, kl_grad=kl_gradient == "rb")
-    loss = module.compute_loss(stats, samples, rewards).loss
-    all_kl_values(stats, samples.response_mask)  # what training_step logs, in both modes
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        rollout = module.rollout(rollout.prompts, K)
+    module.model_step(rollout, kl_gradient=kl_gradient).loss.loss.backward()
 
 
-def measure(module: RBKLModule, samples: Samples, pairs: int, generate: bool) -> dict:
-    device = samples.response.device
+def public_step(module: RBKLModule, rollout: Rollout, kl_gradient: str, generate: bool, lean: bool = False) -> None:
+    # Written as a user's own training step. Plain: the LM head on every position, sliced, and the
+    # logits held until backward. Lean: the LM head on response positions only, the logits handed
+    # over as scratch (inplace=True) and not held: what the module itself does.
+    samples = rollout.samples
+    inputs = {
+        "input_ids": samples.input_ids,
+        "attention_mask": samples.attention_mask.long(),
+        "position_ids": position_ids(samples.attention_mask),
+    }
+    prompt_len, response_len = samples.prompt_ids.shape[1], samples.response.shape[1]
+    if lean:
+        keep = torch.arange(prompt_len - 1, prompt_len + response_len - 1, device=samples.response.device)
+        logits = module.policy(**inputs, logits_to_keep=keep).logits
+        with torch.no_grad():
+            ref_logits = module.reference(**inputs, logits_to_keep=keep).logits
+    else:
+        positions = slice(prompt_len - 1, -1)  # the logits that produced the response
+        logits = module.policy(**inputs).logits[:, positions]
+        with torch.no_grad():
+            ref_logits = module.reference(**inputs).logits[:, positions]
+    surrogate = kl_grad_surrogate(
+        logits, ref_logits, samples.response, samples.response_mask, kl_gradient, inplace=lean
+    )
+    if lean:
+        del logits, ref_logits  # the op keeps what backward needs; the rest is freed as backward goes
+    (module.hparams.beta * surrogate.mean()).backward()
+
+
+def lean_public_step(module: RBKLModule, rollout: Rollout, kl_gradient: str, generate: bool) -> None:
+    public_step(module, rollout, kl_gradient, generate, lean=True)
+
+
+STEPS = {"module": module_step, "public": public_step, "public_lean": lean_public_step}
+# (label, first step, second step): each ratio is second / first, median over alternating pairs.
+COMPARISONS = {
+    "module": ("module rb/mc", ("module", "mc"), ("module", "rb")),
+    "public": ("public rb/mc", ("public", "mc"), ("public", "rb")),
+    "public_lean_vs_module": ("rb public lean/module", ("module", "rb"), ("public_lean", "rb")),
+    "public_vs_module": ("rb public plain/module", ("module", "rb"), ("public", "rb")),
+}
+
+
+def measure(module: RBKLModule, rollout: Rollout, first, second, pairs: int, generate: bool) -> dict:
+    device = rollout.samples.response.device
     optimizer = torch.optim.AdamW([p for p in module.policy.parameters() if p.requires_grad], lr=1e-6)
-    times = {"mc": [], "rb": []}
-    peaks = {"mc": [], "rb": []}
-    for name in ("mc", "rb"):  # warm-up: allocator, optimizer state, kernels
-        training_step(module, optimizer, samples, name, generate)
+
+    def step(which: tuple[str, str]) -> None:
+        api, kl_gradient = which
+        STEPS[api](module, rollout, kl_gradient, generate)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times: dict[int, list[float]] = {0: [], 1: []}
+    peaks: dict[int, list[int]] = {0: [], 1: []}
+    for which in (first, second):  # warm-up: allocator, optimizer state, kernels
+        step(which)
     for i in range(pairs):
-        order = ("mc", "rb") if i % 2 == 0 else ("rb", "mc")
-        for name in order:
+        for j in (0, 1) if i % 2 == 0 else (1, 0):
             torch.manual_seed(i)  # the same generated samples for both members of a pair
             with PeakMemory(device) as mem:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                training_step(module, optimizer, samples, name, generate)
+                step((first, second)[j])
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
-            peaks[name].append(mem.peak)
-    ratios = [rb / mc for rb, mc in zip(times["rb"], times["mc"], strict=True)]
+                times[j].append(time.perf_counter() - start)
+            peaks[j].append(mem.peak)
+    ratios = [b / a for a, b in zip(times[0], times[1], strict=True)]
     return {
-        "mc_step_s": statistics.median(times["mc"]),
-        "rb_step_s": statistics.median(times["rb"]),
-        "time_ratio_rb_over_mc": statistics.median(ratios),
-        "mc_peak_mib": statistics.median(peaks["mc"]) / 2**20,
-        "rb_peak_mib": statistics.median(peaks["rb"]) / 2**20,
-        "peak_ratio_rb_over_mc": statistics.median(peaks["rb"]) / statistics.median(peaks["mc"]),
+        "first": "/".join(first),
+        "second": "/".join(second),
+        "first_step_s": statistics.median(times[0]),
+        "second_step_s": statistics.median(times[1]),
+        "time_ratio": statistics.median(ratios),
+        "first_peak_mib": statistics.median(peaks[0]) / 2**20,
+        "second_peak_mib": statistics.median(peaks[1]) / 2**20,
+        "peak_ratio": statistics.median(peaks[1]) / statistics.median(peaks[0]),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="a,b", help="comma-separated: a (2x256), b (12x768, GPT-2 small)")
-    parser.add_argument("--pairs", type=int, default=5, help="mc/rb step pairs per shape (>= 5)")
+    parser.add_argument("--api", default="both", choices=["module", "public", "both"], help="which steps to time")
+    parser.add_argument("--pairs", type=int, default=9, help="step pairs per comparison (>= 5)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--with-generation", action="store_true", help="also sample the responses in each step")
+    parser.add_argument("--with-generation", action="store_true", help="module steps also sample the responses")
     args = parser.parse_args()
     if args.pairs < 5:
         parser.error("--pairs must be at least 5")
+    if args.with_generation and args.api != "module":
+        parser.error("--with-generation times the module's steps only: add --api module")
+    comparisons = {"module": ["module"], "public": ["public"], "both": list(COMPARISONS)}[args.api]
     device = torch.device(args.device)
     results = []
     for shape in args.shapes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             module = build_module(shape, args.dtype, Path(tmp), device)
-        samples = fixed_samples(device)
-        result = measure(module, samples, args.pairs, args.with_generation)
-        result.update(
-            shape=shape,
-            device=str(device),
-            dtype=args.dtype,
-            generation=args.with_generation,
-            threads=torch.get_num_threads(),
-            pairs=args.pairs,
-        )
-        results.append(result)
-        print(
-            f"shape {shape} ({SHAPES[shape]['n_layer']}x{SHAPES[shape]['n_embd']}, V={VOCAB}, "
-            f"{RESPONSES}x{RESPONSE_LEN}) {device} {args.dtype}{' +generation' if args.with_generation else ''}: "
-            f"mc {result['mc_step_s'] * 1e3:.0f} ms, rb {result['rb_step_s'] * 1e3:.0f} ms, "
-            f"time rb/mc {result['time_ratio_rb_over_mc']:.3f}; "
-            f"peak mc {result['mc_peak_mib']:.0f} MiB, rb {result['rb_peak_mib']:.0f} MiB, "
-            f"peak rb/mc {result['peak_ratio_rb_over_mc']:.3f}",
-            flush=True,
-        )
+        rollout = fixed_rollout(fixed_samples(device))
+        for key in comparisons:
+            label, first, second = COMPARISONS[key]
+            result = measure(module, rollout, first, second, args.pairs, args.with_generation)
+            result.update(
+                comparison=key,
+                shape=shape,
+                device=str(device),
+                dtype=args.dtype,
+                generation=args.with_generation,
+                threads=torch.get_num_threads(),
+                pairs=args.pairs,
+            )
+            results.append(result)
+            print(
+                f"shape {shape} ({SHAPES[shape]['n_layer']}x{SHAPES[shape]['n_embd']}, V={VOCAB}, "
+                f"{RESPONSES}x{RESPONSE_LEN}) {device} {args.dtype}{' +generation' if args.with_generation else ''} "
+                f"{label}: {result['first_step_s'] * 1e3:.0f} -> {result['second_step_s'] * 1e3:.0f} ms, "
+                f"time {result['time_ratio']:.3f}; peak {result['first_peak_mib']:.0f} -> "
+                f"{result['second_peak_mib']:.0f} MiB, peak {result['peak_ratio']:.3f}",
+                flush=True,
+            )
         del module
     print(json.dumps({"benchmark": "step", "pid": os.getpid(), "results": results}))
 

@@ -9,9 +9,10 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.image import imread
 
-from {{ cookiecutter.package_name }}.callbacks import EstimatorTable, EstimatorVariancePlot, RewardVsKLPlot
+from {{ cookiecutter.package_name }}.callbacks import EstimatorTable, EstimatorVariancePlot, RewardVsKLPlot, SampleTable
 from {{ cookiecutter.package_name }}.data import PromptDataModule
-from {{ cookiecutter.package_name }}.estimators import VALUE_ESTIMATORS
+from {{ cookiecutter.package_name }}.estimators import LOGGED_ESTIMATORS, VALUE_ESTIMATORS
+from {{ cookiecutter.package_name }}.metrics import KL_STATS
 from {{ cookiecutter.package_name }}.module import RBKLModule
 from {{ cookiecutter.package_name }}.rewards import VaderSentimentReward
 
@@ -24,7 +25,7 @@ def run_dir(tmp_path_factory) -> Path:
         accelerator="cpu",
         max_epochs=2,
         logger=CSVLogger(tmp, name="run"),
-        callbacks=[RewardVsKLPlot(estimators=["rb", "mc"]), EstimatorVariancePlot(), EstimatorTable()],
+        callbacks=[RewardVsKLPlot(estimators=["rb", "mc"]), EstimatorVariancePlot(), EstimatorTable(), SampleTable()],
         enable_progress_bar=False,
         enable_checkpointing=False,
         log_every_n_steps=1,
@@ -36,14 +37,14 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_metrics_csv_has_every_documented_name(run_dir):
     header = next(csv.reader(open(run_dir / "metrics.csv")))
+    expected = set()
     for stage in ("train", "val"):
-        for name in VALUE_ESTIMATORS:
-            for stat in ("mean", "var", "sem", "neg_frac"):
-                assert f"{stage}/kl/{name}/{stat}" in header
-        assert f"{stage}/reward/mean" in header
-        assert f"{stage}/kl_var_ratio/mc_over_rb" in header
-    for name in VALUE_ESTIMATORS:
-        assert f"val/kl/{name}/prompt_mean" in header and f"val/kl/{name}/prompt_std" in header
+        for name in LOGGED_ESTIMATORS:
+            expected |= {f"{stage}/kl/{name}/{stat}" for stat in KL_STATS}
+        expected |= {f"{stage}/reward/mean", f"{stage}/reward/sem_prompts", f"{stage}/prompts"}
+        expected |= {f"{stage}/samples_per_prompt", f"{stage}/kl/within_prompt_var_ratio/mc_over_rb"}
+    assert expected <= set(header), sorted(expected - set(header))
+    assert not [h for h in header if h.endswith(("/var", "/sem", "/std", "prompt_std", "prompt_mean"))]
 
 
 def test_one_png_per_epoch_that_decodes_at_the_expected_size(run_dir):
@@ -59,8 +60,18 @@ def test_estimator_table_is_written_with_every_estimator(run_dir):
     assert table["epoch"] == 1
     rows = {r["estimator"]: r for r in table["rows"]}
     assert set(VALUE_ESTIMATORS) <= set(rows)
-    assert rows["rb"]["std"] >= 0 and rows["rb"]["mean"] >= 0
-    assert (run_dir / "estimator_table.csv").read_text().startswith("estimator,mean,std,neg_frac")
+    assert rows["rb"]["within_prompt_var"] >= 0 and rows["rb"]["mean"] >= 0
+    assert table["within_prompt_var_ratio_mc_over_rb"] > 0
+    header = (run_dir / "estimator_table.csv").read_text().splitlines()[0]
+    assert header == "estimator," + ",".join(KL_STATS)
+
+
+def test_sample_tables_show_completions_with_reward_and_kl(run_dir):
+    tables = sorted((run_dir / "samples").glob("epoch*.csv"))
+    assert [p.name for p in tables] == ["epoch000.csv", "epoch001.csv"]
+    rows = list(csv.DictReader(tables[-1].open()))
+    assert rows and set(rows[0]) == {"prompt", "response", "reward", "kl_rb", "kl_mc"}
+    assert len({r["prompt"] for r in rows}) > 1 and all(float(r["kl_rb"]) >= 0 for r in rows)
 
 
 def test_unknown_estimator_in_plot_is_refused():

@@ -1,6 +1,7 @@
 """The real entry point: `train.py fit --config configs/<name>.yaml`."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -87,3 +88,66 @@ def test_imdb_config_trains_through_from_pretrained(tmp_path, hf_checkpoints, pr
     rewards = [float(r["train/reward/mean"]) for r in rows if r.get("train/reward/mean")]
     assert len(rewards) == 2 and all(r == r for r in rewards)  # classifier logits, not NaN
     assert any(r.get("val/kl/rb/mean") for r in rows)
+
+
+def write_prompts(folder: Path, count: int) -> Path:
+    words = ["the movie was", "a film with", "the acting", "i loved the", "what a", "the story is", "the plot"]
+    path = folder / "prompts.txt"
+    path.write_text("\n".join(words[i % len(words)] + " " * (i // len(words)) for i in range(count)) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_kl_evaluation_writes_the_report(tmp_path):
+    result = run_cli(
+        "test",
+        "--config",
+        str(PROJECT / "configs/kl_eval.yaml"),
+        "--trainer.accelerator=cpu",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+        "--data.test_path",
+        str(write_prompts(tmp_path, 5)),
+        "--model.init_args.test_samples_per_prompt=4",
+        "--model.init_args.max_new_tokens=6",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = next((tmp_path / "logs").rglob("kl_report.json")).parent
+    report = json.loads((run / "kl_report.json").read_text())
+    assert set(report) == {
+        "policy",
+        "reference",
+        "prompts",
+        "samples_per_prompt",
+        "max_new_tokens",
+        "estimators",
+        "within_prompt_var_ratio_mc_over_rb",
+    }
+    assert (report["prompts"], report["samples_per_prompt"], report["max_new_tokens"]) == (5, 4, 6)
+    assert report["policy"] == "builtin:tiny-gpt2:seed=0" and report["reference"] == "builtin:tiny-gpt2:seed=1"
+    assert set(report["estimators"]) == {"mc", "k2", "k3", "cv", "cv_opt", "rb"}
+    for name, row in report["estimators"].items():
+        assert set(row) == {"mean", "ci95", "ci95_within", "sem_prompts", "sem_within", "within_prompt_var", "neg_frac"}
+        assert row["ci95"][0] < row["mean"] < row["ci95"][1], name
+        assert row["ci95_within"][0] < row["mean"] < row["ci95_within"][1], name
+    assert report["estimators"]["rb"]["mean"] > 0 and report["within_prompt_var_ratio_mc_over_rb"] > 0
+    table = (run / "kl_report.md").read_text()
+    assert "| rb |" in table and "95% CI" in table
+    assert (run / "kl_precision.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data.source=file", "--data.train_path=x.txt"], "`test` needs prompts: set data.test_path"),
+        (["--model.init_args.test_samples_per_prompt=1"], "test_samples_per_prompt must be >= 2"),
+    ],
+)
+def test_kl_evaluation_refuses_bad_input_before_sampling(tmp_path, args, message):
+    result = run_cli(
+        "test", "--config", str(PROJECT / "configs/kl_eval.yaml"), "--trainer.accelerator=cpu", *args, cwd=tmp_path
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Testing" not in result.stdout

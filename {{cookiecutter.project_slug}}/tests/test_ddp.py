@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from distributed import free_port
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -54,10 +55,12 @@ def test_logged_metrics_equal_one_process_on_the_union_of_samples(ddp_run):
     assert len(rows) == len(ranks[0]["steps"]) == 4
     for step, row in enumerate(rows):
         for key, column in (("kl/rb", "train/kl/rb"), ("kl/mc", "train/kl/mc"), ("rewards", "train/reward")):
-            values = np.array(ranks[0]["steps"][step][key] + ranks[1]["steps"][step][key])
-            assert float(row[f"{column}/mean"]) == pytest.approx(values.mean(), rel=1e-5, abs=1e-6)
+            # Each rank's samples, 4 per prompt (configs/default.yaml), prompts never split.
+            groups = np.concatenate([np.array(r["steps"][step][key]).reshape(-1, 4) for r in ranks])
+            assert float(row[f"{column}/mean"]) == pytest.approx(groups.mean(1).mean(), rel=1e-5, abs=1e-6)
             if key != "rewards":
-                assert float(row[f"{column}/var"]) == pytest.approx(values.var(ddof=1), rel=1e-5, abs=1e-6)
+                w = groups.var(1, ddof=1).mean()
+                assert float(row[f"{column}/within_prompt_var"]) == pytest.approx(w, rel=1e-5, abs=1e-6)
         assert float(row["train/global_batch"]) == 8 * 2 * 4
 
 
@@ -112,17 +115,41 @@ def _generation_worker(rank: int, port: int, synced: bool, out_dir: str) -> None
 def test_synced_generation_keeps_finished_ranks_stepping(tmp_path, synced):
     # Under FSDP every forward gathers weights from all ranks: a rank that stops generating early
     # would leave the others waiting forever. With synced_gpus, both ranks run the same forwards.
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_generation_worker, args=(port, synced, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_generation_worker, args=(free_port(), synced, str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"gen{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["lengths"] == [1, 1] and ranks[1]["lengths"] == [10, 10]
     if synced:
         assert ranks[0]["forwards"] == ranks[1]["forwards"] == 10
     else:
         assert ranks[0]["forwards"] < ranks[1]["forwards"]  # the situation that deadlocks FSDP
+
+
+@pytest.mark.slow
+def test_kl_evaluation_counts_every_prompt_once_over_two_processes(tmp_path):
+    # 5 prompts over 2 ranks: Lightning's own sampler would pad rank 1 with a repeated prompt.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the movie was\na film with\nthe acting\ni loved the\nwhat a\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [
+        sys.executable,
+        str(PROJECT / "train.py"),
+        "test",
+        "--config",
+        str(PROJECT / "configs/kl_eval.yaml"),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--data.test_path",
+        str(prompts),
+        "--data.batch_size=2",
+        "--model.init_args.test_samples_per_prompt=3",
+        "--model.init_args.max_new_tokens=4",
+    ]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    reports = list(tmp_path.rglob("kl_report.json"))
+    assert len(reports) == 1, reports
+    report = json.loads(reports[0].read_text())
+    assert report["prompts"] == 5 and report["samples_per_prompt"] == 3

@@ -249,3 +249,67 @@ def test_non_finite_logits_raise(bad, which, name):
         sequence_kl(*args, name)
     with pytest.raises(ValueError, match="non-finite"):
         kl_grad_surrogate(*args, name)
+
+
+@pytest.mark.parametrize("which", ["policy", "reference"])
+@pytest.mark.parametrize("poison", ["-inf", "nan"])
+@pytest.mark.parametrize("estimator", GRADIENT_ESTIMATORS)
+def test_masked_positions_never_make_a_gradient_nan(which, poison, estimator):
+    # A padding position (mask False) whose logits are -inf somewhere, or NaN, in either model: the
+    # gradient stays what it is with ordinary logits there, with or without an unrelated row
+    # elsewhere in the batch that needs the op's slow path (a -inf logit under the mask).
+    gen = torch.Generator().manual_seed(5)
+    policy = torch.randn(3, 4, 6, generator=gen, dtype=torch.float64)
+    ref = torch.randn(3, 4, 6, generator=gen, dtype=torch.float64)
+    tokens = torch.randint(0, 6, (3, 4), generator=gen)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[0, 3] = False  # the padding position
+    grads = {}
+    for case in ("clean", "poisoned", "poisoned+slow row"):
+        p, q = policy.clone(), ref.clone()
+        target = p if which == "policy" else q
+        if case != "clean":
+            target[0, 3, 2] = float(poison)
+        if case == "poisoned+slow row":
+            v = int(tokens[2, 1])
+            p[2, 1, (v + 1) % 6] = float("-inf")
+        leaf = p.requires_grad_(True)
+        surrogate = kl_grad_surrogate(leaf, q, tokens, mask, estimator)
+        surrogate.sum().backward()
+        assert torch.isfinite(leaf.grad).all(), case
+        grads[case] = leaf.grad
+    torch.testing.assert_close(grads["poisoned"], grads["clean"], rtol=0, atol=1e-12)
+    assert torch.isfinite(grads["poisoned+slow row"]).all()
+    assert (grads["poisoned"][0, 3] == 0).all(), "a masked position gets no gradient"
+
+
+def test_an_rb_surrogate_without_the_pathwise_term_is_refused(models):
+    from {{ cookiecutter.package_name }}.estimators import kl_surrogate, masked_token_stats
+
+    p, q = models
+    tokens, mask = p.strings()
+    logits = p.logits(tokens).requires_grad_(True)
+    stats = masked_token_stats(logits, q.logits(tokens), tokens, mask, kl_grad=False)
+    with pytest.raises(ValueError, match="kl_grad=True"):
+        kl_surrogate(stats, mask, "rb")
+    kl_surrogate(stats, mask, "mc")  # the score function alone needs no pathwise term
+
+
+def test_the_public_functions_equal_themselves_under_bf16_autocast(models):
+    p, q = models
+    tokens, mask = p.sample(64, torch.Generator().manual_seed(6))
+    policy = p.logits(tokens).float()
+    ref = (q.logits(tokens) + 25.0).float()  # shifted: the softmax is the same, the terms are large
+    for estimator in VALUE_ESTIMATORS:
+        plain = sequence_kl(policy, ref, tokens, mask, estimator)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = sequence_kl(policy, ref, tokens, mask, estimator)
+        torch.testing.assert_close(mixed, plain, rtol=1e-5, atol=1e-5, msg=estimator)
+    for estimator in GRADIENT_ESTIMATORS:
+        grads = []
+        for autocast in (False, True):
+            leaf = policy.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                kl_grad_surrogate(leaf, ref, tokens, mask, estimator).mean().backward()
+            grads.append(leaf.grad)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5, msg=estimator)

@@ -84,7 +84,7 @@ def test_inplace_gradient_equals_the_allocated_one(kl_grad):
     for inplace in (False, True):
         leaf = base.clone().requires_grad_(True)
         logits = leaf * 1.0  # a fresh non-leaf, like the LM head's output
-        stats = token_stats(logits, ref, tokens, kl_grad=kl_grad, chunk_rows=5, inplace_grad=inplace)
+        stats = token_stats(logits, ref, tokens, kl_grad=kl_grad, chunk_rows=5, inplace=inplace)
         (stats.logp.sum() + stats.kl.sum()).backward()
         grads.append(leaf.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
@@ -93,6 +93,52 @@ def test_inplace_gradient_equals_the_allocated_one(kl_grad):
 def test_inplace_gradient_refuses_logits_that_another_op_saved():
     leaf = torch.randn(2, 3, 5, requires_grad=True)
     logits = torch.tanh(leaf)  # tanh saves its output for backward
-    stats = token_stats(logits, torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), inplace_grad=True)
+    stats = token_stats(logits, torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), inplace=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         stats.kl.sum().backward()
+
+
+def shifted_pair(gen: torch.Generator, rows: int = 48, vocab: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:
+    # A reference equal to the policy shifted by a constant, plus a little noise: the softmax barely
+    # changes, so the true KL is small while the terms of <p, x - y> - lse_p + lse_q are large.
+    policy = 4 * torch.randn(1, rows, vocab, generator=gen)
+    ref = policy + 30.0 + 0.3 * torch.randn(1, rows, vocab, generator=gen)
+    return policy, ref
+
+
+@pytest.mark.parametrize("kl_grad", [True, False])
+def test_bf16_autocast_changes_neither_values_nor_gradients(kl_grad):
+    gen = torch.Generator().manual_seed(3)
+    policy, ref = shifted_pair(gen)
+    tokens = torch.randint(0, policy.shape[-1], policy.shape[:2], generator=gen)
+    upstream = torch.randn(2, *tokens.shape, generator=gen)
+    results = []
+    for autocast in (False, True):
+        leaf = policy.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            stats = token_stats(leaf, ref, tokens, kl_grad=kl_grad)
+            loss = (stats.logp * upstream[0] + stats.kl * upstream[1]).sum()
+        loss.backward()
+        results.append((stats.logp, stats.kl, stats.entropy, leaf.grad))
+    for plain, autocast in zip(*results, strict=True):
+        assert autocast.dtype == torch.float32
+        torch.testing.assert_close(autocast, plain, rtol=1e-5, atol=1e-5)
+    exact = naive(policy.double(), ref.double(), tokens)[2]
+    torch.testing.assert_close(results[1][1].double(), exact, rtol=0, atol=1e-3)
+
+
+def test_a_strided_view_gives_what_its_contiguous_copy_gives():
+    # What users pass: model(ids).logits[:, P - 1 : -1], a view that a flattening reshape would copy.
+    gen = torch.Generator().manual_seed(4)
+    full = torch.randn(3, 9, 13, generator=gen, dtype=torch.float64)
+    ref_full = torch.randn(3, 9, 13, generator=gen, dtype=torch.float64)
+    tokens = torch.randint(0, 13, (3, 6), generator=gen)
+    grads, values = [], []
+    for make in (lambda t: t[:, 2:-1], lambda t: t[:, 2:-1].contiguous()):
+        leaf = full.clone().requires_grad_(True)
+        stats = token_stats(make(leaf), make(ref_full), tokens, chunk_rows=4)
+        (stats.logp.sum() + (stats.kl * torch.arange(6.0, dtype=torch.float64)).sum()).backward()
+        values.append(torch.stack([stats.logp, stats.kl, stats.entropy]))
+        grads.append(leaf.grad)
+    torch.testing.assert_close(values[0], values[1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)

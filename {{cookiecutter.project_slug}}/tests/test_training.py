@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from {{ cookiecutter.package_name }}.data import PromptDataModule
 from {{ cookiecutter.package_name }}.module import RBKLModule
 from {{ cookiecutter.package_name }}.rewards import KeywordReward, Reward
+from {{ cookiecutter.package_name }}.token_stats import token_stats
 
 
 def fit(module, tmp_path: Path, steps: int, batch_size: int = 8, **trainer_kw) -> L.Trainer:
@@ -62,7 +63,7 @@ def test_a_short_run_on_a_learnable_reward_raises_the_reward(tmp_path):
 def test_mc_gradient_trains_too_and_the_schedule_is_logged(tmp_path):
     module = RBKLModule(reward=KeywordReward(["good"]), kl_gradient="mc", lr=1e-3, warmup_steps=2)
     trainer = fit(module, tmp_path, steps=3, enable_checkpointing=False)
-    assert len(logged(trainer, "train/kl/mc/var")) == 3
+    assert len(logged(trainer, "train/kl/mc/within_prompt_var")) == 3
     assert logged(trainer, "train/lr") == pytest.approx([5e-4, 1e-3, 1e-3])
 
 
@@ -145,3 +146,28 @@ def test_training_resumes_from_the_last_checkpoint(tmp_path):
     assert second.global_step == 4
     plot = next(c for c in second.callbacks if isinstance(c, RewardVsKLPlot))
     assert [h["epoch"] for h in plot.history] == [0.0, 1.0], "the plot history survives the resume"
+
+
+class LogitsRecorder(RBKLModule):
+    """Keeps a copy of every logits tensor the training forward produced (policy, then reference)."""
+
+    def response_logits(self, model, samples):
+        logits = super().response_logits(model, samples)
+        self.recorded.append((logits.detach().clone(), samples.response, samples.response_mask))
+        return logits
+
+
+def test_bf16_mixed_step_logs_the_rb_kl_of_its_own_logits(tmp_path):
+    # Under bf16 autocast the LM heads return bf16 logits; the KL computed from them must be the
+    # float32 KL of those very logits, not a bf16 rounding of its large cancelling terms.
+    module = LogitsRecorder(reward=KeywordReward(["good"]), samples_per_prompt=4)
+    module.recorded = []
+    with torch.no_grad():  # a reference away from the policy, so the KL is not 0
+        module.reference.transformer.ln_f.bias.add_(3.0)
+    trainer = fit(module, tmp_path, steps=1, enable_checkpointing=False, precision="bf16-mixed")
+    (policy, tokens, mask), (ref, _, _) = module.recorded[:2]
+    assert policy.dtype == torch.bfloat16, "autocast was on: the LM head ran in bf16"
+    stats = token_stats(policy.float(), ref.float(), tokens.masked_fill(~mask, 0), kl_grad=False)
+    per_sample = (stats.kl * mask).sum(-1).double()  # [N]
+    expected = per_sample.reshape(-1, 4).mean(1).mean().item()
+    assert logged(trainer, "train/kl/rb/mean")[0] == pytest.approx(expected, rel=1e-5, abs=1e-6)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from matplotlib.figure import Figure
 
 from . import plots
 from .estimators import LOGGED_ESTIMATORS
+from .kl_report import build_report, report_markdown
+from .metrics import KL_STATS, kl_key, ratio_key
 
 
 def run_directory(trainer: L.Trainer) -> Path:
@@ -103,19 +106,27 @@ class RewardVsKLPlot(EpochPlot):
 
 
 class EstimatorVariancePlot(EpochPlot):
-    """Each KL estimator's per-prompt spread over the epochs so far (default: all estimators)."""
+    """Each KL estimator's spread over samples of one prompt, per epoch (default: all estimators)."""
 
     stem = "estimator_spread"
 
     def draw(self) -> Figure:
-        return plots.estimator_variance(self.history, self.estimators)
+        return plots.estimator_spread(self.history, self.estimators)
+
+
+def table_rows(metrics: Mapping[str, float], stage: str) -> list[dict[str, float | str]]:
+    """One row per estimator: the statistics of metrics.py, as logged."""
+    return [
+        {"estimator": name, **{stat: float(metrics.get(kl_key(stage, name, stat), float("nan"))) for stat in KL_STATS}}
+        for name in LOGGED_ESTIMATORS
+    ]
 
 
 class EstimatorTable(ValidationHistory):
     """At the end of fit: the last validation's estimator study as a table (console, CSV and JSON).
 
-    For each estimator: the mean over prompts of its per-prompt mean and standard deviation over
-    the M samples of that prompt (the paper's Table 1 layout).
+    For each estimator: its KL estimate with the standard error over prompts, and its variance
+    over samples of one prompt, averaged over prompts (the paper's Table 1 quantity).
     """
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -123,24 +134,111 @@ class EstimatorTable(ValidationHistory):
         if not trainer.is_global_zero or not self.history:
             return
         last = self.history[-1]
-        rows = [
-            {
-                "estimator": name,
-                "mean": last.get(f"val/kl/{name}/prompt_mean", float("nan")),
-                "std": last.get(f"val/kl/{name}/prompt_std", float("nan")),
-                "neg_frac": last.get(f"val/kl/{name}/neg_frac", float("nan")),
-            }
-            for name in LOGGED_ESTIMATORS
-        ]
+        rows = table_rows(last, "val")
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "estimator_table.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        (run_dir / "estimator_table.json").write_text(json.dumps({"epoch": last["epoch"], "rows": rows}, indent=2))
+        ratio = last.get(ratio_key("val"), float("nan"))
+        summary = {"epoch": last["epoch"], "rows": rows, "within_prompt_var_ratio_mc_over_rb": ratio}
+        (run_dir / "estimator_table.json").write_text(json.dumps(summary, indent=2))
         lines = [
-            f"KL estimators at epoch {int(last['epoch'])} (per prompt, averaged over prompts):",
-            f"  {'estimator':<9} {'mean':>10}   {'std':>10}   {'P(<0)':>6}",
+            f"KL estimators at epoch {int(last['epoch'])} ({plots.sizes_text(last)}):",
+            f"  {'estimator':<9} {'KL':>9} {'± s.e.':>9} {'var within prompt':>18} {'P(<0)':>6}",
         ]
-        lines += [f"  {r['estimator']:<9} {r['mean']:>10.4f} ± {r['std']:<10.4f} {r['neg_frac']:>6.2f}" for r in rows]
+        lines += [
+            f"  {r['estimator']:<9} {r['mean']:>9.4f} {r['sem_prompts']:>9.4f} {r['within_prompt_var']:>18.4g} "
+            f"{r['neg_frac']:>6.2f}"
+            for r in rows
+        ]
+        lines.append(f"  within-prompt variance MC / RB: {ratio:.3g}")
         print("\n".join(lines))
+
+
+class SampleTable(L.Callback):
+    """At each validation, a few sampled completions per prompt with their reward and RB/MC KL.
+
+    Written to `<dirname>/epochNNN.csv` in the run directory (and as text to TensorBoard or W&B),
+    to spot reward hacking by reading. Rank 0's prompts only.
+    """
+
+    def __init__(self, per_prompt: int = 2, max_prompts: int = 8, dirname: str = "samples"):
+        """
+        Args:
+            per_prompt: completions kept per prompt.
+            max_prompts: prompts kept per validation.
+            dirname: folder under the run directory for the CSV files.
+        """
+        if per_prompt < 1 or max_prompts < 1:
+            raise ValueError(f"per_prompt and max_prompts must be >= 1, got {per_prompt} and {max_prompts}")
+        self.per_prompt, self.max_prompts, self.dirname = per_prompt, max_prompts, dirname
+        self.rows: list[dict[str, Any]] = []
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not outputs or trainer.sanity_checking:
+            return
+        group = len(outputs["responses"]) // len(outputs["prompts"])
+        for i, prompt in enumerate(outputs["prompts"]):
+            if len({r["prompt"] for r in self.rows}) >= self.max_prompts:
+                return
+            for j in range(i * group, i * group + min(self.per_prompt, group)):
+                self.rows.append(
+                    {
+                        "prompt": prompt,
+                        "response": outputs["responses"][j],
+                        "reward": float(outputs["rewards"][j]),
+                        "kl_rb": float(outputs["kl/rb"][j]),
+                        "kl_mc": float(outputs["kl/mc"][j]),
+                    }
+                )
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        run_dir = run_directory(trainer)  # every rank: may sync
+        if not trainer.is_global_zero or not self.rows:
+            return
+        path = run_dir / self.dirname / f"epoch{trainer.current_epoch:03d}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        text = "\n".join(
+            f"| {r['prompt']} | {r['response']} | {r['reward']:.3f} | {r['kl_rb']:.3f} | {r['kl_mc']:.3f} |"
+            for r in self.rows
+        )
+        text = "| prompt | response | reward | KL rb | KL mc |\n|---|---|---|---|---|\n" + text
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("samples", text, global_step=trainer.global_step)
+            elif isinstance(logger, WandbLogger):
+                logger.log_text(key="samples", columns=list(self.rows[0]), data=[list(r.values()) for r in self.rows])
+
+
+class KLReport(L.Callback):
+    """After `train.py test`: `kl_report.json`, `kl_report.md` and `kl_precision.png` in the run directory."""
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}  # may sync
+        run_dir = run_directory(trainer)
+        if not trainer.is_global_zero or not metrics:
+            return
+        h = pl_module.hparams
+        report = build_report(
+            metrics,
+            LOGGED_ESTIMATORS,
+            policy=h.policy,
+            reference=h.reference or h.policy,
+            max_new_tokens=h.max_new_tokens,
+        )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "kl_report.json").write_text(json.dumps(report, indent=2))
+        markdown = report_markdown(report)
+        (run_dir / "kl_report.md").write_text(markdown)
+        save_figure(trainer, plots.precision_vs_samples(report), run_dir / "kl_precision.png", "kl_precision")
+        print(markdown + f"\nwrote {run_dir / 'kl_report.json'}, kl_report.md and kl_precision.png")

@@ -22,6 +22,9 @@ from pathlib import Path
 import yaml
 
 from . import plots
+from .metrics import kl_key, reward_key
+
+KL_KEY, REWARD_KEY = kl_key("val", "rb", "mean"), reward_key("val", "mean")
 
 
 def pareto_frontier(points: Sequence[tuple[float, float]]) -> set[int]:
@@ -71,8 +74,8 @@ def load_run(path: Path, kl_key: str, reward_key: str, group_key: str) -> dict:
 def compare(
     runs: Sequence[Path],
     output: Path,
-    kl_key: str = "val/kl/rb/mean",
-    reward_key: str = "val/reward/mean",
+    kl_key: str = KL_KEY,
+    reward_key: str = REWARD_KEY,
     group_key: str = "kl_gradient",
 ) -> dict:
     """Load runs, find the frontier, write `pareto.png` and `pareto.json` under `output`."""
@@ -95,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (with metrics.csv) or metrics.csv files")
     parser.add_argument("--output", type=Path, default=Path("comparison"), help="folder for pareto.png and .json")
-    parser.add_argument("--kl-key", default="val/kl/rb/mean", help="metrics.csv column used as KL")
-    parser.add_argument("--reward-key", default="val/reward/mean", help="metrics.csv column used as reward")
+    parser.add_argument("--kl-key", default=KL_KEY, help="metrics.csv column used as KL")
+    parser.add_argument("--reward-key", default=REWARD_KEY, help="metrics.csv column used as reward")
     parser.add_argument("--group-key", default="kl_gradient", help="hyperparameter that groups runs")
     args = parser.parse_args(argv)
     try:

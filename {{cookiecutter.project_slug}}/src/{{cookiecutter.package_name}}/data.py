@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .vocabulary import TRAIN_PROMPTS, VAL_PROMPTS
 
@@ -47,6 +48,7 @@ class PromptDataModule(L.LightningDataModule):
         source: Literal["builtin", "file", "hf"] = "builtin",
         train_path: str | None = None,
         val_path: str | None = None,
+        test_path: str | None = None,
         hf_dataset: str = "stanfordnlp/imdb",
         hf_text_field: str = "text",
         hf_tokenizer: str | None = None,
@@ -62,6 +64,8 @@ class PromptDataModule(L.LightningDataModule):
             source: "builtin" (offline prompts), "file" (train_path/val_path) or "hf" (a hub dataset).
             train_path: .txt or .jsonl file of training prompts (source "file").
             val_path: file of validation prompts; without it the last num_val_prompts of train_path are held out.
+            test_path: .txt or .jsonl file of prompts for `train.py test` (the KL evaluation), each
+                evaluated once; without it, source "builtin" uses its validation prompts.
             hf_dataset: dataset name on the hub (source "hf"); its "train" split trains, "test" validates.
             hf_text_field: the dataset column that holds the text.
             hf_tokenizer: tokenizer that cuts hub texts into prompts (the policy's, e.g. lvwerra/gpt2-imdb).
@@ -81,10 +85,25 @@ class PromptDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_prompts: list[str] = []
         self.val_prompts: list[str] = []
+        self.test_prompts: list[str] = []
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_prompts:
-            return
+        if stage == "test":
+            self.test_prompts = self.test_prompts or self._test_prompts()
+        elif not self.train_prompts:
+            self.train_prompts, self.val_prompts = self._fit_prompts()
+
+    def _test_prompts(self) -> list[str]:
+        h = self.hparams
+        if h.test_path:
+            return read_prompts(h.test_path)
+        if h.source == "builtin":
+            return list(VAL_PROMPTS)
+        raise ValueError(
+            f"`test` needs prompts: set data.test_path to a .txt or .jsonl file (source {h.source!r} has no test set)"
+        )
+
+    def _fit_prompts(self) -> tuple[list[str], list[str]]:
         h = self.hparams
         if h.source == "builtin":
             train, val = list(TRAIN_PROMPTS), list(VAL_PROMPTS)
@@ -108,7 +127,7 @@ class PromptDataModule(L.LightningDataModule):
         val = val[: h.num_val_prompts]
         if not train or not val:
             raise ValueError(f"prompt source {h.source!r} gave {len(train)} training and {len(val)} validation prompts")
-        self.train_prompts, self.val_prompts = train, val
+        return train, val
 
     def _hub_prompts(self, split: str) -> list[str]:
         from datasets import load_dataset  # optional dependency: pip install ".[hub]"
@@ -135,3 +154,26 @@ class PromptDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_prompts, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=list)
+
+    def test_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        ranks, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EachOnceSampler(self.test_prompts, num_replicas=ranks, rank=rank)
+        return DataLoader(self.test_prompts, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=list)
+
+
+class EachOnceSampler(DistributedSampler):
+    """Rank r takes items r, r + R, r + 2R, ...: every item exactly once over all ranks.
+
+    Lightning's default distributed sampler pads the last batch by repeating items, which would
+    count some prompts twice in an evaluation. Being a DistributedSampler, this one is kept as is.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))

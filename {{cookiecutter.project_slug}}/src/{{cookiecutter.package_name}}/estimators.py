@@ -9,11 +9,18 @@ Value estimators for one response y ~ p (d_t = log p(y_t|y_<t) - log q(y_t|y_<t)
 
     mc  sum_t d_t                               unbiased, can be negative ("k1")
     k2  sum_t d_t^2 / 2                         biased, >= 0
-    k3  sum_t (exp(-d_t) - 1 + d_t)             unbiased, >= 0 (Schulman, per token)
-    cv  f + alpha (exp(-f) - 1), f = sum_t d_t  unbiased for a fixed alpha; alpha="optimal"
-                                                estimates -Cov(f, g)/Var(g) from the batch
+    k3  sum_t (exp(-d_t) - 1 + d_t)             unbiased when q > 0 wherever p > 0, >= 0
+                                                (Schulman, per token)
+    cv  f + alpha (exp(-f) - 1), f = sum_t d_t  unbiased for an alpha independent of the sample,
+                                                when q > 0 wherever p > 0
     rb  sum_t KL_t                              unbiased, >= 0: the Rao-Blackwellized
                                                 estimator of Amini, Vieira & Cotterell (2025)
+
+k3 and cv rest on E_p[q(y)/p(y)] = 1, which fails when q puts mass where p has none (-inf
+policy logits, a masked vocabulary): then E_p[q/p] = q(supp p) < 1 and both are biased. mc and
+rb are not. Training also logs `cv_opt`: cv with the variance-minimising alpha fitted, for each
+prompt, on the OTHER prompts' samples of the batch (cross-fitting), which keeps it unbiased;
+alpha fitted on the samples it is applied to is badly biased at small sample sizes.
 
 RB is a sum of per-step conditional expectations E[d_t | y_<t] = KL_t. That removes the
 variance of each step's token, but not always the variance of the whole sequence: for some pairs
@@ -32,7 +39,7 @@ from .token_stats import TokenStats, token_stats
 
 VALUE_ESTIMATORS = ("mc", "k2", "k3", "cv", "rb")
 GRADIENT_ESTIMATORS = ("mc", "rb")
-# What training logs: every value estimator, plus cv with the batch-optimal alpha.
+# What training logs: every value estimator, plus cv with a cross-fitted alpha (see above).
 LOGGED_ESTIMATORS = (*VALUE_ESTIMATORS, "cv_opt")
 
 
@@ -76,15 +83,16 @@ def masked_token_stats(
     *,
     kl_grad: bool = True,
     chunk_rows: int | None = None,
-    inplace_grad: bool = False,
+    inplace: bool = False,
 ) -> TokenStats:
-    """`token_stats` after validation, with padding zeroed so it never changes a result."""
+    """`token_stats` after validation, with padding zeroed so it never changes a result.
+
+    Masked positions never change a value or a gradient, whatever their logits (-inf, NaN).
+    """
     check_inputs(policy_logits, ref_logits, tokens, mask)
     # Padding may hold any id (GPT-2 pads with EOS, others with -100): replace it by a valid one.
     safe_tokens = tokens.masked_fill(~mask, 0)
-    stats = token_stats(
-        policy_logits, ref_logits, safe_tokens, kl_grad=kl_grad, chunk_rows=chunk_rows, inplace_grad=inplace_grad
-    )
+    stats = token_stats(policy_logits, ref_logits, safe_tokens, kl_grad=kl_grad, chunk_rows=chunk_rows, inplace=inplace)
     _check_finite(stats, mask)
     zero = torch.zeros((), dtype=stats.kl.dtype, device=mask.device)
     return TokenStats(
@@ -107,8 +115,11 @@ def _check_finite(stats: TokenStats, mask: Tensor) -> None:
         raise ValueError("infinite KL: the reference gives zero probability to a token the policy can sample")
 
 
-def kl_values(stats: TokenStats, mask: Tensor, estimator: str, *, alpha: float | str = 1.0) -> Tensor:
-    """Per-sequence value of one estimator, [B], from masked token statistics."""
+def kl_values(stats: TokenStats, mask: Tensor, estimator: str, *, alpha: float | Tensor = 1.0) -> Tensor:
+    """Per-sequence value of one estimator, [B], from masked token statistics.
+
+    `alpha` (cv only) is a number or a [B] tensor; it must not depend on the sample it weights.
+    """
     check_estimator(estimator)
     if estimator == "rb":
         return stats.kl.sum(-1)
@@ -120,35 +131,34 @@ def kl_values(stats: TokenStats, mask: Tensor, estimator: str, *, alpha: float |
     if estimator == "k3":
         return (torch.expm1(-d) + d).sum(-1)
     f = d.sum(-1)
-    g = torch.expm1(-f)  # E_p[q(y)/p(y)] - 1 = 0: a zero-mean control variate
-    return f + cv_alpha(f, g, alpha) * g
+    g = torch.expm1(-f)  # E_p[q(y)/p(y)] - 1 = 0 under full support: a zero-mean control variate
+    return f + alpha * g
 
 
-def cv_alpha(f: Tensor, g: Tensor, alpha: float | str) -> float:
-    """The control-variate coefficient: a fixed number, or "optimal" = -Cov(f, g)/Var(g).
+def cross_fitted_alpha(f: Tensor, g: Tensor, group_size: int) -> Tensor:
+    """[B] control-variate coefficients, each fitted without the sample's own prompt.
 
-    The batch estimate of the optimal alpha uses the same samples it is applied to, so the cv
-    estimate with alpha="optimal" is consistent but slightly biased at small batch sizes.
+    f, g: [B], group_size adjacent samples per prompt. For prompt i,
+    alpha_i = -sum_{l != i} C_fg(l) / sum_{l != i} C_gg(l), with C the within-prompt centred
+    cross-products: the alpha that minimises the within-prompt variance, estimated on samples
+    independent of prompt i's, so E[alpha_i g_ij] = E[alpha_i] E[g_ij] = 0. A prompt alone in its
+    batch gets alpha 0 (plain mc).
     """
-    if not isinstance(alpha, str):
-        return float(alpha)
-    if alpha != "optimal":
-        raise ValueError(f"alpha must be a number or 'optimal', got {alpha!r}")
-    f, g = f.detach().double(), g.detach().double()
-    if f.numel() < 2:
-        return 1.0
-    var_g = g.var()
-    if var_g <= 0:
-        return 0.0
-    cov = ((f - f.mean()) * (g - g.mean())).sum() / (f.numel() - 1)
-    return (-cov / var_g).item()
+    fg = f.detach().double().reshape(-1, group_size)  # [n, k]
+    gg = g.detach().double().reshape(-1, group_size)  # [n, k]
+    fc, gc = fg - fg.mean(1, keepdim=True), gg - gg.mean(1, keepdim=True)
+    c_fg, c_gg = (fc * gc).sum(1), gc.square().sum(1)  # [n]
+    num, den = c_fg.sum() - c_fg, c_gg.sum() - c_gg  # [n] over the other prompts
+    alpha = torch.where(den > 0, -num / den.clamp(min=torch.finfo(den.dtype).tiny), torch.zeros_like(den))
+    return alpha.repeat_interleave(group_size).to(f.dtype)
 
 
-def all_kl_values(stats: TokenStats, mask: Tensor) -> dict[str, Tensor]:
-    """Every value estimator on the same samples (detached), plus cv with the batch-optimal alpha."""
+def all_kl_values(stats: TokenStats, mask: Tensor, group_size: int) -> dict[str, Tensor]:
+    """Every value estimator on the same samples (detached), plus cv with a cross-fitted alpha."""
     stats = TokenStats(*(t.detach() for t in (stats.logp, stats.logq, stats.kl, stats.entropy)))
     values = {name: kl_values(stats, mask, name) for name in VALUE_ESTIMATORS}
-    values["cv_opt"] = kl_values(stats, mask, "cv", alpha="optimal")
+    f = values["mc"]
+    values["cv_opt"] = kl_values(stats, mask, "cv", alpha=cross_fitted_alpha(f, torch.expm1(-f), group_size))
     return values
 
 
@@ -168,6 +178,12 @@ def kl_surrogate(stats: TokenStats, mask: Tensor, estimator: str, *, baseline: T
     estimate unbiased and lowers its variance.
     """
     check_estimator(estimator, GRADIENT_ESTIMATORS)
+    if estimator == "rb" and stats.logp.requires_grad and not stats.kl.requires_grad:
+        # Without its pathwise term the rb surrogate is biased, and nothing else would say so.
+        raise ValueError(
+            "the 'rb' KL gradient needs the per-token KL to be differentiable: compute the token "
+            "statistics with kl_grad=True"
+        )
     if estimator == "mc":
         weight = (stats.logp - stats.logq).detach().sum(-1, keepdim=True)  # [B, 1]
     else:
@@ -188,8 +204,9 @@ def sequence_kl(
     mask: Tensor,
     estimator: str,
     *,
-    alpha: float | str = 1.0,
+    alpha: float = 1.0,
     chunk_rows: int | None = None,
+    inplace: bool = False,
 ) -> Tensor:
     """Estimate KL(p || q) for each sampled response: Tensor[B].
 
@@ -199,12 +216,14 @@ def sequence_kl(
         tokens: [B, T] long, the sampled response.
         mask: [B, T] bool, True up to and including the EOS that ended the response.
         estimator: one of "mc", "k2", "k3", "cv", "rb".
-        alpha: control-variate coefficient for "cv": a number or "optimal".
-        chunk_rows: rows of [B*T, V] processed at once by the fused op.
+        alpha: control-variate coefficient for "cv" (alpha = 1 can have exploding variance).
+        chunk_rows: positions processed at once by the fused op (None: about 2M logits).
+        inplace: the logits are scratch that nothing else reads (fresh LM-head outputs): the op
+            may overwrite them instead of allocating [B, T, V] buffers (token_stats.py).
     """
     check_estimator(estimator)
     stats = masked_token_stats(
-        policy_logits, ref_logits, tokens, mask, kl_grad=estimator == "rb", chunk_rows=chunk_rows
+        policy_logits, ref_logits, tokens, mask, kl_grad=estimator == "rb", chunk_rows=chunk_rows, inplace=inplace
     )
     return kl_values(stats, mask, estimator, alpha=alpha)
 
@@ -218,6 +237,7 @@ def kl_grad_surrogate(
     *,
     baseline: Tensor | None = None,
     chunk_rows: int | None = None,
+    inplace: bool = False,
 ) -> Tensor:
     """Per-sample surrogates [B] whose autograd gradient is an unbiased estimate of grad KL.
 
@@ -227,6 +247,6 @@ def kl_grad_surrogate(
     """
     check_estimator(estimator, GRADIENT_ESTIMATORS)
     stats = masked_token_stats(
-        policy_logits, ref_logits, tokens, mask, kl_grad=estimator == "rb", chunk_rows=chunk_rows
+        policy_logits, ref_logits, tokens, mask, kl_grad=estimator == "rb", chunk_rows=chunk_rows, inplace=inplace
     )
     return kl_surrogate(stats, mask, estimator, baseline=baseline)

@@ -1,23 +1,73 @@
-"""Running moments of a stream of values, exact across DDP ranks.
+"""Statistics of the estimator study, grouped by prompt and exact across DDP ranks.
 
-Sum and sum-of-squares in float32 lose the variance once the mean is large (a KL of 1e4 nats
-squared is 1e8, beyond float32's 7 digits). Count, mean and M2 = sum (x - mean)^2 are kept in
-float64 and merged with Chan et al.'s parallel formula, as torchmetrics' PearsonCorrCoef does:
+The paper's quantity is the spread of an estimator over samples of ONE prompt. A batch holds n
+prompts with M_i samples each, values f_ij (docs/estimators.md §7):
 
-    n = n_a + n_b,   delta = mean_b - mean_a
-    mean = mean_a + delta * n_b / n
-    M2 = M2_a + M2_b + delta^2 * n_a * n_b / n
+    m_i  = mean_j f_ij                        s2_i = sum_j (f_ij - m_i)^2 / (M_i - 1)
+    mean = mean_i m_i                         the estimate, unweighted over prompts
+    within_prompt_var = mean_i s2_i           unbiased for E_x Var[f | x]
+    sem_prompts = sd_i(m_i) / sqrt(n)         SE over a population of prompts
+    sem_within  = sqrt(sum_i s2_i / M_i) / n  SE for this prompt set (fixed prompts)
+
+Pooling all n*M values into one variance would mix the spread of the true KL across prompts
+into the estimator's variance. The state is one float64 vector per metric; the prompt means are
+merged with Chan et al.'s parallel formula (as torchmetrics' PearsonCorrCoef does), because sums
+of squares in float32 lose the variance once the mean is large. A prompt's samples never span
+ranks, so every per-prompt quantity is complete on the rank that saw it.
+
+This file also owns the names under which the statistics are logged: plots, callbacks and
+compare_runs build and parse them with the functions below, never by spelling them out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
+# Statistics logged for every KL estimator and stage.
+KL_STATS = ("mean", "within_prompt_var", "within_prompt_var_sem", "sem_prompts", "sem_within", "neg_frac")
+STAGES = ("train", "val", "test")
 
-def merge_moments(stacked: Tensor) -> Tensor:
-    """Merge rows [count, mean, m2, negatives] of a [k, 4] tensor into one [4] row (order-free)."""
+# State layout: [n, mean of m_i, M2 of m_i, sum s2_i, sum s2_i^2, sum s2_i / M_i, samples, negatives]
+_N, _MEAN, _M2, _S2, _S2SQ, _S2_OVER_M, _SAMPLES, _NEG = range(8)
+
+
+def kl_key(stage: str, estimator: str, stat: str) -> str:
+    return f"{stage}/kl/{estimator}/{stat}"
+
+
+def reward_key(stage: str, stat: str) -> str:
+    return f"{stage}/reward/{stat}"
+
+
+def ratio_key(stage: str) -> str:
+    """Within-prompt variance of MC over RB: how many times more samples MC needs for RB's precision."""
+    return f"{stage}/kl/within_prompt_var_ratio/mc_over_rb"
+
+
+def size_key(stage: str, what: str) -> str:
+    """`prompts` (n) or `samples_per_prompt` (M) behind a stage's statistics."""
+    return f"{stage}/{what}"
+
+
+def _merge_two(a: Tensor, b: Tensor) -> Tensor:
+    n_a, n_b = a[_N], b[_N]
+    n = n_a + n_b
+    # No `if n == 0` branch: it would sync the device on every update. Two empty sides give
+    # delta * 0 / 1 = 0, i.e. the zero state back.
+    n_safe = n.clamp(min=1)
+    delta = b[_MEAN] - a[_MEAN]
+    merged = a + b
+    merged[_MEAN] = a[_MEAN] + delta * n_b / n_safe
+    merged[_M2] = a[_M2] + b[_M2] + delta.square() * n_a * n_b / n_safe
+    return merged
+
+
+def merge_states(stacked: Tensor) -> Tensor:
+    """Merge the rows of a [k, 8] stack of states into one [8] state (order-free)."""
     if stacked.dim() == 1:
         return stacked
     merged = stacked[0]
@@ -26,35 +76,40 @@ def merge_moments(stacked: Tensor) -> Tensor:
     return merged
 
 
-def _merge_two(a: Tensor, b: Tensor) -> Tensor:
-    n_a, n_b = a[0], b[0]
-    n = n_a + n_b
-    # No `if n == 0` branch: it would sync the device on every update. Two empty sides give
-    # delta * 0 / 1 = 0, i.e. the zero state back.
-    n_safe = n.clamp(min=1)
-    delta = b[1] - a[1]
-    mean = a[1] + delta * n_b / n_safe
-    m2 = a[2] + b[2] + delta.square() * n_a * n_b / n_safe
-    return torch.stack([n, mean, m2, a[3] + b[3]])
-
-
-def batch_moments(values: Tensor) -> Tensor:
+def group_state(values: Tensor, group_sizes: Tensor) -> Tensor:
+    """The [8] state of values [N] whose groups (prompts) are adjacent, of the given sizes [n]."""
     x = values.detach().flatten().to(torch.float64)
-    n = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
-    if x.numel() == 0:
-        return torch.zeros(4, dtype=torch.float64, device=x.device)
-    mean = x.mean()
-    return torch.stack([n, mean, (x - mean).square().sum(), (x < 0).sum().to(torch.float64)])
+    sizes = group_sizes.to(device=x.device, dtype=torch.long)
+    n = sizes.numel()
+    if n == 0:
+        return torch.zeros(8, dtype=torch.float64, device=x.device)
+    group = torch.repeat_interleave(torch.arange(n, device=x.device), sizes)  # [N]
+    count = sizes.to(torch.float64)
+    means = torch.zeros(n, dtype=torch.float64, device=x.device).index_add_(0, group, x) / count  # [n]
+    s2 = torch.zeros_like(means).index_add_(0, group, (x - means[group]).square()) / (count - 1)  # [n]
+    grand = means.mean()
+    return torch.stack(
+        [
+            torch.tensor(float(n), dtype=torch.float64, device=x.device),
+            grand,
+            (means - grand).square().sum(),
+            s2.sum(),
+            s2.square().sum(),
+            (s2 / count).sum(),
+            count.sum(),
+            (x < 0).sum().to(torch.float64),
+        ]
+    )
 
 
-class RunningMoments(Metric):
-    """Mean, variance, std, standard error and share of negative values of everything updated.
+class PromptGroupedStats(Metric):
+    """Mean, within-prompt variance and both standard errors of values grouped by prompt.
 
     Example:
-        >>> m = RunningMoments()
-        >>> m.update(torch.tensor([1.0, 2.0])); m.update(torch.tensor([3.0, -4.0]))
-        >>> {k: round(v.item(), 4) for k, v in m.compute().items()}
-        {'mean': 0.5, 'var': 9.6667, 'std': 3.1091, 'sem': 1.5546, 'neg_frac': 0.25}
+        >>> m = PromptGroupedStats()
+        >>> m.update(torch.tensor([1.0, 3.0, 10.0, 14.0]), 2)  # two prompts, two samples each
+        >>> {k: round(v.item(), 4) for k, v in m.compute().items()}["within_prompt_var"]
+        5.0
     """
 
     full_state_update = False
@@ -63,19 +118,78 @@ class RunningMoments(Metric):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        # One state, [count, mean, m2, negatives], so a DDP sync gathers one tensor per rank.
-        self.add_state("moments", default=torch.zeros(4, dtype=torch.float64), dist_reduce_fx=merge_moments)
+        # One state, so a DDP sync gathers one tensor per rank.
+        self.add_state("state", default=torch.zeros(8, dtype=torch.float64), dist_reduce_fx=merge_states)
 
-    def update(self, values: Tensor) -> None:
-        self.moments = _merge_two(self.moments, batch_moments(values).to(self.moments.device))
+    def update(self, values: Tensor, group_sizes: int | Sequence[int] | Tensor) -> None:
+        """values [N], prompts adjacent; group_sizes: samples per prompt (one number if all equal)."""
+        if isinstance(group_sizes, int):
+            if group_sizes < 2 or values.numel() % group_sizes:
+                raise ValueError(f"{values.numel()} values do not split into groups of {group_sizes} >= 2")
+            group_sizes = torch.full((values.numel() // group_sizes,), group_sizes)
+        sizes = torch.as_tensor(group_sizes)
+        if int(sizes.sum()) != values.numel() or bool((sizes < 2).any()):
+            raise ValueError(
+                f"group sizes {sizes.tolist()} must each be >= 2 (a variance per prompt) and add up to "
+                f"the {values.numel()} values"
+            )
+        self.state = _merge_two(self.state, group_state(values, sizes).to(self.state.device))
 
     def compute(self) -> dict[str, Tensor]:
-        n, mean, m2, negatives = merge_moments(self.moments)
-        var = m2 / (n - 1) if n > 1 else torch.full_like(m2, float("nan"))
+        s = merge_states(self.state)
+        n = s[_N]
+        nan = torch.full_like(n, float("nan"))
+        if n == 0:
+            return {key: nan for key in (*KL_STATS, "prompts", "samples")}
+        w = s[_S2] / n
+        w_var = (s[_S2SQ] - n * w.square()) / (n - 1) if n > 1 else nan  # variance of s2_i across prompts
+        sd_means = (s[_M2] / (n - 1)).sqrt() if n > 1 else nan
         return {
-            "mean": mean if n > 0 else torch.full_like(mean, float("nan")),
-            "var": var,
-            "std": var.sqrt(),
-            "sem": (var / n).sqrt(),
-            "neg_frac": negatives / n if n > 0 else torch.full_like(n, float("nan")),
+            "mean": s[_MEAN],
+            "within_prompt_var": w,
+            "within_prompt_var_sem": (w_var.clamp(min=0) / n).sqrt(),
+            "sem_prompts": sd_means / n.sqrt(),
+            "sem_within": s[_S2_OVER_M].sqrt() / n,
+            "neg_frac": s[_NEG] / s[_SAMPLES],
+            "prompts": n,
+            "samples": s[_SAMPLES],
         }
+
+
+class EstimatorStudy(nn.Module):
+    """One stage's bookkeeping: every KL estimator and the reward, grouped by prompt."""
+
+    def __init__(self, stage: str, estimators: Sequence[str]):
+        super().__init__()
+        self.stage = stage
+        # One metric per quantity, never a MetricCollection with compute groups, which would
+        # merge these look-alike states and report wrong numbers.
+        self.kl = nn.ModuleDict({name: PromptGroupedStats() for name in estimators})
+        self.reward = PromptGroupedStats()
+
+    def update(self, values: Mapping[str, Tensor], rewards: Tensor, group_size: int) -> None:
+        for name, metric in self.kl.items():
+            metric.update(values[name], group_size)
+        self.reward.update(rewards, group_size)
+
+    def compute(self) -> dict[str, Tensor]:
+        """Every logged statistic by its key, then reset. A DDP collective: every rank calls it."""
+        stage = self.stage
+        logged = {}
+        for name, metric in self.kl.items():
+            stats = metric.compute()
+            logged.update({kl_key(stage, name, stat): stats[stat].float() for stat in KL_STATS})
+            metric.reset()
+        reward = self.reward.compute()
+        self.reward.reset()
+        logged[reward_key(stage, "mean")] = reward["mean"].float()
+        logged[reward_key(stage, "sem_prompts")] = reward["sem_prompts"].float()
+        logged[size_key(stage, "prompts")] = reward["prompts"].float()
+        logged[size_key(stage, "samples_per_prompt")] = (reward["samples"] / reward["prompts"]).float()
+        if "mc" in self.kl and "rb" in self.kl:
+            w_mc, w_rb = (
+                logged[kl_key(stage, "mc", "within_prompt_var")],
+                logged[kl_key(stage, "rb", "within_prompt_var")],
+            )
+            logged[ratio_key(stage)] = w_mc / w_rb
+        return logged

@@ -1,12 +1,14 @@
 """The LightningModule: KL-regularised RLOO fine-tuning of a policy against a frozen reference.
 
-One training step (docs/estimators.md §4-6):
-    prompts -> k samples each from the policy (sampling exactly from p)
-            -> rewards on the decoded text
-            -> policy (with grad) and reference (no grad) logits on prompt + response
-            -> per-token statistics (one fused pass) -> RLOO loss with the rb or mc KL gradient
-            -> every KL estimator on the same samples, logged with its variance
+One training step (docs/estimators.md §4-7):
+    rollout:     prompts -> k samples each from the policy (sampling exactly from p)
+                         -> rewards on the decoded text                       (once per batch)
+    model_step:  policy (with grad) and reference (no grad) logits on prompt + response
+                 -> per-token statistics (one fused pass) -> RLOO loss with the rb or mc KL
+                 gradient, and every KL estimator on the same samples   (at the current weights)
+    then the statistics of each estimator, grouped by prompt (metrics.EstimatorStudy).
 
+Validation and `test` (the KL evaluation) run the same two parts without the loss.
 Subclass it for new tasks: override `score` (rewards), `encode_prompts` (prompt formatting) or
 `compute_loss` (the objective); pass model names, not modules, so LightningCLI can build it.
 """
@@ -15,22 +17,40 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from .estimators import LOGGED_ESTIMATORS, all_kl_values, masked_token_stats
-from .metrics import RunningMoments
+from .metrics import STAGES, EstimatorStudy, kl_key, reward_key
 from .models import check_same_vocabulary, disable_dropout, freeze, load_causal_lm, load_tokenizer
 from .objective import LossParts, rloo_kl_loss
 from .rewards import Reward, check_rewards
 from .sampling import Samples, position_ids, sample_responses, sampling_config
 from .schedules import lr_lambda
 from .token_stats import TokenStats
+
+
+@dataclass
+class Rollout:
+    """Sampled and scored once per batch: nothing here depends on the weights after sampling."""
+
+    prompts: list[str]  # n distinct prompts
+    samples: Samples  # n * group_size responses, the group_size samples of a prompt adjacent
+    rewards: Tensor  # [n * group_size]
+    group_size: int
+
+
+@dataclass
+class StepOutput:
+    stats: TokenStats  # per-token statistics at the current weights
+    values: dict[str, Tensor]  # every logged KL estimator per sample, detached, [N] each
+    loss: LossParts | None  # None when the step computes no loss (validation)
+
 
 # Eval mode is deliberate here (see RBKLModule.train); Lightning warns about it at every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
@@ -48,6 +68,7 @@ class RBKLModule(L.LightningModule):
         samples_per_prompt: int = 2,
         max_new_tokens: int = 16,
         val_samples_per_prompt: int = 8,
+        test_samples_per_prompt: int = 16,
         lr: float = 3e-5,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -67,7 +88,8 @@ class RBKLModule(L.LightningModule):
             beta: KL coefficient.
             samples_per_prompt: k responses per prompt for the leave-one-out baseline (>= 2).
             max_new_tokens: length limit of a response; longer ones are truncated (and count as such).
-            val_samples_per_prompt: M responses per validation prompt for the estimator study.
+            val_samples_per_prompt: M responses per validation prompt for the estimator study (>= 2).
+            test_samples_per_prompt: M responses per prompt in `train.py test`, the KL evaluation (>= 2).
             lr: AdamW learning rate.
             weight_decay: AdamW weight decay.
             warmup_steps: linear warmup from 0 to lr over this many optimizer steps.
@@ -82,10 +104,12 @@ class RBKLModule(L.LightningModule):
             raise ValueError(
                 f"samples_per_prompt must be >= 2 for the leave-one-out baseline, got {samples_per_prompt}"
             )
-        if val_samples_per_prompt < 2:
-            raise ValueError(
-                f"val_samples_per_prompt must be >= 2 to estimate a variance, got {val_samples_per_prompt}"
-            )
+        for name, m in (
+            ("val_samples_per_prompt", val_samples_per_prompt),
+            ("test_samples_per_prompt", test_samples_per_prompt),
+        ):
+            if m < 2:
+                raise ValueError(f"{name} must be >= 2 to estimate a variance over a prompt's samples, got {m}")
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         self.save_hyperparameters(ignore=["reward"])
@@ -101,18 +125,8 @@ class RBKLModule(L.LightningModule):
             pad_token_id=self.tokenizer.pad_token_id,
             **(generation_kwargs or {}),
         )
-        # One metric per (stage, quantity): never a MetricCollection with compute groups, which
-        # would merge these look-alike states and report wrong numbers.
-        self.moments = nn.ModuleDict(
-            {
-                f"{stage}_{name}": RunningMoments()
-                for stage in ("train", "val")
-                for name in (*LOGGED_ESTIMATORS, "reward")
-            }
-        )
-        self.prompt_stats = nn.ModuleDict(
-            {f"{name}_{kind}": MeanMetric() for name in LOGGED_ESTIMATORS for kind in ("prompt_mean", "prompt_std")}
-        )
+        # Keyed "<stage>_study": a ModuleDict key may not shadow a Module attribute such as train.
+        self.studies = nn.ModuleDict({f"{stage}_study": EstimatorStudy(stage, LOGGED_ESTIMATORS) for stage in STAGES})
         # Checkpoints hold the policy only: the reference and reward are rebuilt from the config.
         self.strict_loading = False
 
@@ -189,6 +203,12 @@ class RBKLModule(L.LightningModule):
         )
         return out.logits
 
+    def rollout(self, prompts: Sequence[str], k: int) -> Rollout:
+        """Sample k responses per prompt and score them: once per batch, whatever the updates."""
+        samples = self.sample(prompts, k)
+        repeated = [p for p in prompts for _ in range(k)]
+        return Rollout(list(prompts), samples, self.score(repeated, self.decode_responses(samples)), k)
+
     def token_stats(self, samples: Samples, kl_grad: bool) -> TokenStats:
         policy_logits = self.response_logits(self.policy, samples)
         with torch.no_grad():
@@ -200,12 +220,25 @@ class RBKLModule(L.LightningModule):
             samples.response_mask,
             kl_grad=kl_grad,
             chunk_rows=self.hparams.kl_chunk_rows,
-            inplace_grad=True,  # the policy logits are ours alone: backward reuses their memory
+            inplace=True,  # both logits are ours alone: the op reuses their memory
         )
 
-    def compute_loss(self, stats: TokenStats, samples: Samples, rewards: Tensor) -> LossParts:
+    def compute_loss(self, stats: TokenStats, rollout: Rollout, kl_gradient: str) -> LossParts:
         h = self.hparams
-        return rloo_kl_loss(stats, samples.response_mask, rewards, h.samples_per_prompt, h.beta, h.kl_gradient)
+        return rloo_kl_loss(
+            stats, rollout.samples.response_mask, rollout.rewards, rollout.group_size, h.beta, kl_gradient
+        )
+
+    def model_step(self, rollout: Rollout, *, with_loss: bool = True, kl_gradient: str | None = None) -> StepOutput:
+        """What depends on the current weights: log-probs, KL statistics, every estimate, the loss.
+
+        Shared by training, validation and benchmarks/step.py. `kl_gradient` overrides the
+        configured estimator for this call only (the benchmark compares both on one module).
+        """
+        kl_gradient = kl_gradient or self.hparams.kl_gradient
+        stats = self.token_stats(rollout.samples, kl_grad=with_loss and kl_gradient == "rb")
+        loss = self.compute_loss(stats, rollout, kl_gradient) if with_loss else None
+        return StepOutput(stats, all_kl_values(stats, rollout.samples.response_mask, rollout.group_size), loss)
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -215,78 +248,63 @@ class RBKLModule(L.LightningModule):
             torch.manual_seed(torch.initial_seed() + self.global_rank)
 
     def training_step(self, batch: list[str], batch_idx: int) -> dict[str, Tensor]:
-        k = self.hparams.samples_per_prompt
-        samples = self.sample(batch, k)
-        prompts = [p for p in batch for _ in range(k)]
-        rewards = self.score(prompts, self.decode_responses(samples))
-        stats = self.token_stats(samples, kl_grad=self.hparams.kl_gradient == "rb")
-        parts = self.compute_loss(stats, samples, rewards)
-
-        mask = samples.response_mask
-        values = all_kl_values(stats, mask)
-        self.update_moments("train", values, rewards)
+        rollout = self.rollout(batch, self.hparams.samples_per_prompt)
+        out = self.model_step(rollout)
+        mask = rollout.samples.response_mask
+        self.study("train").update(out.values, rollout.rewards, rollout.group_size)
         if self.should_log_step():
             n_tokens = mask.sum().clamp(min=1)
             scalars = {
-                "train/loss": parts.loss.detach(),
-                "train/policy_gradient_loss": parts.policy_gradient,
-                "train/kl_penalty": parts.kl_penalty,
-                "train/entropy": stats.entropy.detach().sum() / n_tokens,
+                "train/loss": out.loss.loss.detach(),
+                "train/policy_gradient_loss": out.loss.policy_gradient,
+                # What a reader takes for the penalty: beta x KL, with the RB value of the KL (the
+                # surrogate's forward value is not a KL).
+                "train/kl_penalty": self.hparams.beta * out.values["rb"].mean(),
+                "train/entropy": out.stats.entropy.detach().sum() / n_tokens,
                 "train/response_length": mask.sum(1).float().mean(),
             }
             # One collective for all scalars: the mean over ranks.
             reduced = self.trainer.strategy.reduce(torch.stack(list(scalars.values())).float(), reduce_op="mean")
             logged = dict(zip(scalars, reduced, strict=True))
-            logged["train/global_batch"] = torch.tensor(float(len(batch) * k * self.trainer.world_size))
+            logged["train/global_batch"] = torch.tensor(float(len(rollout.rewards) * self.trainer.world_size))
             logged["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
-            logged.update(self.compute_moments("train"))
+            logged.update(self.study("train").compute())
             self.write_to_loggers(logged)
-            progress = {"reward": logged["train/reward/mean"], "kl_rb": logged["train/kl/rb/mean"]}
+            progress = {"reward": logged[reward_key("train", "mean")], "kl_rb": logged[kl_key("train", "rb", "mean")]}
             self.log_dict(progress, prog_bar=True, logger=False)
         # Callbacks see this rank's per-sample values in on_train_batch_end.
-        return {"loss": parts.loss, "rewards": rewards, **{f"kl/{name}": v for name, v in values.items()}}
+        return {"loss": out.loss.loss, "rewards": rollout.rewards, **{f"kl/{n}": v for n, v in out.values.items()}}
 
-    def validation_step(self, batch: list[str], batch_idx: int) -> None:
-        m = self.hparams.val_samples_per_prompt
-        samples = self.sample(batch, m)
-        prompts = [p for p in batch for _ in range(m)]
-        rewards = self.score(prompts, self.decode_responses(samples))
-        stats = self.token_stats(samples, kl_grad=False)  # Lightning validates without grad
-        values = all_kl_values(stats, samples.response_mask)
-        self.update_moments("val", values, rewards)
-        # The paper's estimator study: spread of each estimator over M samples of one prompt.
-        for name, v in values.items():
-            grouped = v.reshape(-1, m)  # [prompts, M]
-            self.prompt_stats[f"{name}_prompt_mean"].update(grouped.mean(1))
-            self.prompt_stats[f"{name}_prompt_std"].update(grouped.std(1))
+    def evaluation_step(self, stage: str, batch: list[str], samples_per_prompt: int) -> dict[str, Any]:
+        """Validation and test: M samples per prompt, every estimator on the same samples."""
+        rollout = self.rollout(batch, samples_per_prompt)
+        values = self.model_step(rollout, with_loss=False).values  # Lightning evaluates without grad
+        self.study(stage).update(values, rollout.rewards, rollout.group_size)
+        # Callbacks (the sample table) see the texts and this rank's per-sample values.
+        return {
+            "prompts": rollout.prompts,
+            "responses": self.decode_responses(rollout.samples),
+            "rewards": rollout.rewards,
+            **{f"kl/{n}": v for n, v in values.items()},
+        }
+
+    def validation_step(self, batch: list[str], batch_idx: int) -> dict[str, Any]:
+        return self.evaluation_step("val", batch, self.hparams.val_samples_per_prompt)
+
+    def test_step(self, batch: list[str], batch_idx: int) -> dict[str, Any]:
+        return self.evaluation_step("test", batch, self.hparams.test_samples_per_prompt)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.compute_moments("val"))
-        for key, metric in self.prompt_stats.items():
-            name, kind = key.rsplit("_prompt_", 1)
-            self.log(f"val/kl/{name}/prompt_{kind}", metric.compute())
-            metric.reset()
+        self.log_dict(self.study("val").compute())
 
-    # -- metrics -------------------------------------------------------------------------------
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.study("test").compute())
 
-    def update_moments(self, stage: str, values: dict[str, Tensor], rewards: Tensor) -> None:
-        for name, v in values.items():
-            self.moments[f"{stage}_{name}"].update(v)
-        self.moments[f"{stage}_reward"].update(rewards)
+    # -- logging -------------------------------------------------------------------------------
 
-    def compute_moments(self, stage: str) -> dict[str, Tensor]:
-        """Compute (a DDP collective: every rank calls it) and reset the stage's moments."""
-        logged = {}
-        for name in LOGGED_ESTIMATORS:
-            stats = self.moments[f"{stage}_{name}"].compute()
-            logged.update({f"{stage}/kl/{name}/{key}": value.float() for key, value in stats.items()})
-            self.moments[f"{stage}_{name}"].reset()
-        reward = self.moments[f"{stage}_reward"].compute()
-        self.moments[f"{stage}_reward"].reset()
-        logged[f"{stage}/reward/mean"] = reward["mean"].float()
-        logged[f"{stage}/reward/sem"] = reward["sem"].float()
-        logged[f"{stage}/kl_var_ratio/mc_over_rb"] = logged[f"{stage}/kl/mc/var"] / logged[f"{stage}/kl/rb/var"]
-        return logged
+    def study(self, stage: str) -> EstimatorStudy:
+        """The statistics of a stage (train, val, test): updated per step, logged by compute()."""
+        return self.studies[f"{stage}_study"]
 
     def should_log_step(self) -> bool:
         # The same rule as Lightning's own step logging, evaluated alike on every rank.

@@ -14,17 +14,24 @@ sum_v p_v = 1 to avoid a log-softmax per element:
 
     kl_t = <p_t, x_t - y_t> - lse(x_t) + lse(y_t)        ent_t = lse(x_t) - <p_t, x_t>
 
-Backward recomputes each chunk's softmax from the saved logits and log-normalisers, using
+Backward recomputes each block's softmax from the saved logits and log-normalisers, using
 
     d logp_t / d x_t = onehot(token_t) - p_t
     d kl_t   / d x_t = p_t * (log p_t - log q_t - kl_t)
 
-so the only full-vocabulary tensors alive are the logits themselves and the gradient, which
-with `inplace_grad` overwrites the policy logits it was computed from.
+so the only full-vocabulary tensors alive are the logits themselves (the reference's only while
+the KL is differentiated) and the gradient, which with `inplace` overwrites the policy logits it
+was computed from.
+
+Everything is computed in float32 (float64 for float64 logits) with autocast off: under bf16
+autocast, `linalg.vecdot` would run in bf16, and KL_t = <p, x - y> - lse(x) + lse(y) cancels
+large terms (docs/estimators.md §6.9). Logits are read in blocks of [b, t, V] rather than
+flattened, so a strided view such as `model(ids).logits[:, P - 1 : -1]` is never copied whole.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,10 +57,24 @@ def default_chunk_rows(vocab_size: int) -> int:
     return max(1, _CHUNK_ELEMENTS // vocab_size)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # bf16/fp16 logits are upcast chunk by chunk: log-ratios of nearby probabilities cancel
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16/fp16 logits are upcast block by block: log-ratios of nearby probabilities cancel
     # catastrophically in half precision.
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def blocks(batch: int, length: int, chunk_rows: int) -> Iterator[tuple[slice, slice]]:
+    """(batch, position) slices covering [batch, length] in blocks of at most chunk_rows rows."""
+    if batch == 0 or length == 0:
+        return
+    if length <= chunk_rows:
+        step = chunk_rows // length
+        for b in range(0, batch, step):
+            yield slice(b, b + step), slice(None)
+    else:
+        for b in range(batch):
+            for t in range(0, length, chunk_rows):
+                yield slice(b, b + 1), slice(t, t + chunk_rows)
 
 
 def _safe_rows(x: Tensor, y: Tensor, lse_p: Tensor, lse_q: Tensor) -> tuple[Tensor, Tensor]:
@@ -67,79 +88,82 @@ def _safe_rows(x: Tensor, y: Tensor, lse_p: Tensor, lse_q: Tensor) -> tuple[Tens
 
 class _TokenStatsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, policy_logits, ref_logits, tokens, kl_grad, chunk_rows, inplace_grad):
-        vocab = policy_logits.shape[-1]
-        x = policy_logits.reshape(-1, vocab)  # [N, V]
-        y = ref_logits.reshape(-1, vocab)  # [N, V]
-        tok = tokens.reshape(-1, 1)  # [N, 1]
-        dtype = _compute_dtype(policy_logits.dtype)
-        out = torch.empty(6, x.shape[0], dtype=dtype, device=x.device)
-        logp_tok, logq_tok, kl, ent, lse_p, lse_q = out
-        for start in range(0, x.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            xc, yc = x[rows].to(dtype), y[rows].to(dtype)  # [c, V]
-            torch.logsumexp(xc, dim=-1, out=lse_p[rows])
-            torch.logsumexp(yc, dim=-1, out=lse_q[rows])
-            logp_tok[rows] = xc.gather(1, tok[rows]).squeeze(1) - lse_p[rows]
-            logq_tok[rows] = yc.gather(1, tok[rows]).squeeze(1) - lse_q[rows]
-            p = torch.sub(xc, lse_p[rows, None]).exp_()  # [c, V]
+    def forward(ctx, policy_logits, ref_logits, tokens, kl_grad, chunk_rows, inplace):
+        with torch.autocast(policy_logits.device.type, enabled=False):
+            return _TokenStatsFunction._forward(ctx, policy_logits, ref_logits, tokens, kl_grad, chunk_rows, inplace)
+
+    @staticmethod
+    def _forward(ctx, x, y, tokens, kl_grad, chunk_rows, inplace):
+        # x: policy logits [B, T, V]; y: reference logits [B, T, V]; tokens [B, T]
+        batch, length, _ = x.shape
+        dtype = compute_dtype(x.dtype)
+        out = torch.empty(6, batch, length, dtype=dtype, device=x.device)
+        logp_tok, logq_tok, kl, ent, lse_p, lse_q = out  # each [B, T]
+        tok = tokens.unsqueeze(-1)  # [B, T, 1]
+        for b, t in blocks(batch, length, chunk_rows):
+            xc, yc = x[b, t].to(dtype), y[b, t].to(dtype)  # [b, t, V]
+            lp, lq = torch.logsumexp(xc, -1), torch.logsumexp(yc, -1)  # [b, t]
+            lse_p[b, t], lse_q[b, t] = lp, lq
+            logp_tok[b, t] = xc.gather(-1, tok[b, t]).squeeze(-1) - lp
+            logq_tok[b, t] = yc.gather(-1, tok[b, t]).squeeze(-1) - lq
+            p = torch.sub(xc, lp.unsqueeze(-1)).exp_()  # [b, t, V]
             # Because sum_v p_v = 1:  KL_t = <p, x - y> - lse_p + lse_q  and  H_t = lse_p - <p, x>.
-            kl[rows] = torch.linalg.vecdot(p, torch.sub(xc, yc)) - (lse_p[rows] - lse_q[rows])
-            ent[rows] = lse_p[rows] - torch.linalg.vecdot(p, xc)
-        # -inf logits give 0 * inf = nan above; such rows are rare and recomputed the safe way.
-        # (NaN logits also land here, but they poison logp/logq, which callers check.)
-        bad = torch.isnan(kl) | torch.isnan(ent)
-        ctx.has_bad_rows = bool(bad.any())
-        if ctx.has_bad_rows:
+            kl[b, t] = torch.linalg.vecdot(p, torch.sub(xc, yc)) - (lp - lq)
+            ent[b, t] = lp - torch.linalg.vecdot(p, xc)
+        # -inf logits give 0 * inf = nan above, a reference that rules out a token the policy can
+        # sample gives +inf; such rows are rare and recomputed the safe way. (NaN logits also land
+        # here, but they poison logp/logq, which callers check under the mask.)
+        bad = ~(torch.isfinite(kl) & torch.isfinite(ent))
+        has_bad_rows = bool(bad.any())
+        if has_bad_rows:
             kl[bad], ent[bad] = _safe_rows(x[bad].to(dtype), y[bad].to(dtype), lse_p[bad], lse_q[bad])
         kl.clamp_(min=0.0)  # KL_t >= 0; rounding can leave -1e-7 when p is close to q
-        ctx.kl_grad = kl_grad
+
+        ctx.has_bad_rows = has_bad_rows
         ctx.chunk_rows = chunk_rows
-        ctx.inplace_grad = inplace_grad
+        ctx.inplace = inplace
         ctx.set_materialize_grads(False)
+        ctx.kl_grad = kl_grad
         # The reference logits are kept for backward only when the KL itself is differentiated.
-        ctx.save_for_backward(policy_logits, ref_logits if kl_grad else None, tokens, kl, lse_p, lse_q)
-        shape = tokens.shape
-        return logp_tok.view(shape), logq_tok.view(shape), kl.view(shape), ent.view(shape)
+        ctx.save_for_backward(x, y if kl_grad else None, tokens, kl, lse_p, lse_q)
+        return logp_tok, logq_tok, kl, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_logq, g_kl, g_ent):
-        policy_logits, ref_logits, tokens, kl, lse_p, lse_q = ctx.saved_tensors
         if not ctx.kl_grad:
             g_kl = None
         if g_logp is None and g_kl is None:
             return None, None, None, None, None, None
-        vocab = policy_logits.shape[-1]
-        x = policy_logits.reshape(-1, vocab)
-        y = None if g_kl is None else ref_logits.reshape(-1, vocab)
-        tok = tokens.reshape(-1, 1)
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _TokenStatsFunction._backward(ctx, *ctx.saved_tensors, g_logp, g_kl), *(None,) * 5
+
+    @staticmethod
+    def _backward(ctx, x, y, tokens, kl, lse_p, lse_q, g_logp, g_kl):
         dtype = kl.dtype
-        g_logp = torch.zeros_like(kl) if g_logp is None else g_logp.reshape(-1).to(dtype)
+        g_logp = torch.zeros_like(kl) if g_logp is None else g_logp.to(dtype)
+        if g_kl is not None:
+            g_kl = g_kl.to(dtype)
+            # d/dx [g_kl KL_t + g_logp logp_t] = p * (g_kl (x - y - shift) - g_logp) + g_logp onehot
+            offset = g_kl * (lse_p - lse_q + kl) + g_logp  # [B, T]
         # Writing the gradient over the logits saves a [B, T, V] buffer; autograd's version
         # check still raises if anything else saved these logits for its own backward.
-        grad = x if ctx.inplace_grad else torch.empty_like(x)
-        if g_kl is not None:
-            g_kl = g_kl.reshape(-1).to(dtype)
-            # d/dz [g_kl KL_t + g_logp logp_t] = p * (g_kl (x - y - shift) - g_logp) + g_logp onehot
-            offset = (g_kl * (lse_p - lse_q + kl) + g_logp)[:, None]
-        for start in range(0, x.shape[0], ctx.chunk_rows):
-            rows = slice(start, start + ctx.chunk_rows)
-            xc = x[rows].to(dtype)
-            p = torch.sub(xc, lse_p[rows, None]).exp_()  # [c, V]
-            # Write straight into the gradient buffer when it has the compute dtype (it may be
-            # xc's own storage: each element is read before it is overwritten).
-            target = grad[rows] if grad.dtype == dtype else None
+        grad = x if ctx.inplace else torch.empty_like(x)
+        tok = tokens.unsqueeze(-1)
+        for b, t in blocks(*x.shape[:2], ctx.chunk_rows):
+            xc = x[b, t].to(dtype)  # [b, t, V]
+            p = torch.sub(xc, lse_p[b, t].unsqueeze(-1)).exp_()
             if g_kl is None:
-                gc = torch.mul(p, -g_logp[rows, None], out=target)
+                gc = p.mul_(-g_logp[b, t].unsqueeze(-1))
             else:
-                gc = torch.sub(xc, y[rows].to(dtype), out=target)
-                gc.mul_(g_kl[rows, None]).sub_(offset[rows]).mul_(p)
-                if ctx.has_bad_rows:
-                    gc.nan_to_num_(nan=0.0)  # p = 0 where x = -inf: no gradient there
-            gc.scatter_add_(1, tok[rows], g_logp[rows, None])
-            if target is None:
-                grad[rows] = gc
-        return grad.view_as(policy_logits), None, None, None, None, None
+                gc = torch.sub(xc, y[b, t].to(dtype)).mul_(g_kl[b, t].unsqueeze(-1))
+                gc.sub_(offset[b, t].unsqueeze(-1)).mul_(p)
+            gc.scatter_add_(-1, tok[b, t], g_logp[b, t].unsqueeze(-1))
+            if ctx.has_bad_rows:
+                # p = 0 where x = -inf, and masked rows (zero upstream gradient) may hold any
+                # logits: neither gets a gradient, whatever 0 * inf made of it.
+                gc.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            grad[b, t] = gc
+        return grad
 
 
 def token_stats(
@@ -149,7 +173,7 @@ def token_stats(
     *,
     kl_grad: bool = True,
     chunk_rows: int | None = None,
-    inplace_grad: bool = False,
+    inplace: bool = False,
 ) -> TokenStats:
     """Compute logp, logq, exact per-token KL and entropy in one chunked pass.
 
@@ -157,19 +181,19 @@ def token_stats(
         policy_logits: [B, T, V] logits of p; position t produced tokens[:, t].
         ref_logits: [B, T, V] logits of q at the same positions (never differentiated).
         tokens: [B, T] long, every id in [0, V) (callers replace padding by a valid id).
-        kl_grad: keep what backward needs to differentiate `kl` (the RB pathwise term). Off,
-            the reference logits are released after forward and `kl` carries no gradient.
-        chunk_rows: rows of the flattened [B*T, V] logits processed at once.
-        inplace_grad: backward overwrites `policy_logits` with their gradient instead of
-            allocating another [B, T, V] buffer. Only for logits nothing else will read, such as
-            the fresh output of the LM head.
+        kl_grad: make `kl` differentiable (the RB pathwise term): the reference logits are then
+            kept until backward. Off, they are released after forward and `kl` is a constant.
+        chunk_rows: positions (rows of V logits) processed at once.
+        inplace: backward overwrites `policy_logits` with their gradient instead of allocating
+            another [B, T, V] buffer. Only for logits nothing else will read, such as the fresh
+            output of the LM head.
     """
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(policy_logits.shape[-1])
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     logp, logq, kl, ent = _TokenStatsFunction.apply(
-        policy_logits, ref_logits.detach(), tokens, kl_grad, chunk_rows, inplace_grad
+        policy_logits, ref_logits.detach(), tokens, kl_grad, chunk_rows, inplace
     )
     # The outputs are views of one buffer, which mark_non_differentiable does not cover.
     return TokenStats(logp=logp, logq=logq.detach(), kl=kl if kl_grad else kl.detach(), entropy=ent.detach())
