@@ -70,7 +70,8 @@ def test_plots_and_checkpoints_are_written_once(ddp_run):
     assert len(runs) == 1, runs
     pngs = sorted(p.name for p in (runs[0] / "plots").glob("reward_vs_kl_epoch*.png"))
     assert pngs == [f"reward_vs_kl_epoch{e:03d}.png" for e in range(4)]
-    assert len(list(ddp_run.rglob("*.ckpt"))) == 1
+    checkpoints = sorted(p.name for p in ddp_run.rglob("*.ckpt"))
+    assert checkpoints == ["epoch=3-step=4.ckpt", "last.ckpt"], "one of each, written by rank 0 only"
 
 
 def _generation_worker(rank: int, port: int, synced: bool, out_dir: str) -> None:

@@ -141,6 +141,16 @@ class RBKLModule(L.LightningModule):
                 model.eval()
         return self
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Loading is not strict (the reference is left out on purpose), so a checkpoint that lacks
+        # policy weights would otherwise load silently and train from the initial weights.
+        missing = [k for k in self.state_dict() if k.startswith("policy.") and k not in checkpoint["state_dict"]]
+        if missing:
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} of the policy's weights (e.g. {missing[0]!r}): it was not "
+                "written for this policy"
+            )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(("reference.", "reward."))]:

@@ -1,0 +1,178 @@
+"""LightningCLI for this project: default loggers and callbacks, resuming in place, exit codes.
+
+`python train.py fit --config configs/default.yaml` trains; `--ckpt_path last` (or a path)
+resumes the newest run of that logger name in its own folder (runs.py). Values given now, in
+config files or on the command line, win over the checkpoint's; anything not given comes from
+the checkpoint, the reward included. SIGTERM and SIGINT save a checkpoint of the current step
+and exit with 143 and 130, so a scheduler never mistakes an interrupted run for a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from .data import PromptDataModule
+from .module import RBKLModule
+from .runs import (
+    LastCheckpoint,
+    drop_rows_after,
+    find_last_checkpoint,
+    model_config,
+    objective_changes,
+    read_checkpoint,
+    run_version,
+    warn_objective_changes,
+)
+
+PACKAGE = __name__.rpartition(".")[0]
+EXIT_SIGTERM, EXIT_SIGINT = 128 + signal.SIGTERM, 128 + signal.SIGINT
+
+
+class CLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # last.ckpt every N optimizer steps, at the end, and on SIGTERM/SIGINT (the current step):
+        # `--ckpt_path last` resumes from it. Epoch checkpoints come from the callback list below.
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        parser.set_defaults(
+            {
+                "last_checkpoint.every_n_train_steps": 50,
+                "last_checkpoint.save_last": True,
+                "last_checkpoint.save_top_k": 0,
+                "last_checkpoint.save_on_exception": True,
+                # Every run leaves logs/<name>/version_N/metrics.csv and plots/; a config may replace these.
+                "trainer.logger": {"class_path": f"{PACKAGE}.runs.RunLogger", "init_args": {"save_dir": "logs"}},
+                "trainer.callbacks": [
+                    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+                    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"},
+                    {"class_path": f"{PACKAGE}.callbacks.RewardVsKLPlot"},
+                    {"class_path": f"{PACKAGE}.callbacks.EstimatorVariancePlot"},
+                    {"class_path": f"{PACKAGE}.callbacks.EstimatorTable"},
+                    {"class_path": f"{PACKAGE}.callbacks.SampleTable"},
+                    {"class_path": f"{PACKAGE}.callbacks.KLReport"},
+                ],
+            }
+        )
+
+    # -- resuming --------------------------------------------------------------------------------
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        self.resumed_from: tuple[Path, dict] | None = None
+        if args is not None and not isinstance(args, list | tuple):  # a dict or Namespace from Python
+            return super().parse_arguments(parser, args)
+        argv = list(sys.argv[1:] if args is None else args)
+        subcommand, ckpt_path = _subcommand_and_checkpoint(argv)
+        if ckpt_path is None:
+            return super().parse_arguments(parser, args)
+        if ckpt_path == "last":
+            # Which run is the newest of this logger name: the config must be parsed to know.
+            super().parse_arguments(parser, args)
+            path = self._last_checkpoint(subcommand)
+        else:
+            path = Path(ckpt_path)
+            if not path.is_file():
+                sys.exit(f"error: --ckpt_path {ckpt_path}: no such checkpoint file")
+        saved = read_checkpoint(path)
+        saved_model = model_config(saved["hparams"])
+        if saved_model is not None:
+            # The checkpoint's model settings go first: every value given in a config file or on
+            # the command line comes later and wins; what is not given stays the checkpoint's.
+            at = argv.index(subcommand) + 1
+            argv[at:at] = ["--model", json.dumps(saved_model)]
+        self.config = parser.parse_args(argv)
+        self.config[subcommand]["ckpt_path"] = str(path)
+        if saved_model is not None:
+            now = self.config[subcommand]["model"]["init_args"]
+            warn_objective_changes(objective_changes(saved_model["init_args"], now))
+        self.resumed_from = (path, saved)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's version lets the checkpoint override explicit values: parse_arguments does it right."""
+
+    def _last_checkpoint(self, subcommand: str) -> Path:
+        logger = self.config[subcommand]["trainer"].get("logger")
+        init = (logger.get("init_args") if hasattr(logger, "get") else None) or {}
+        save_dir, name = init.get("save_dir", "logs"), init.get("name", "default")
+        found = find_last_checkpoint(save_dir, name)
+        if found is None:
+            sys.exit(
+                f"error: --ckpt_path last: no {save_dir}/{name}/version_*/checkpoints/last.ckpt to resume "
+                "from (give the checkpoint's path, or train without --ckpt_path)"
+            )
+        return found
+
+    def before_instantiate_classes(self) -> None:
+        trainer = self.config[self.subcommand]["trainer"] if self.subcommand else None
+        if trainer is not None and trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
+            # Batch jobs switch bars off; Lightning refuses a progress bar among the callbacks then.
+            trainer.callbacks = [
+                c for c in trainer.callbacks if not str(c.get("class_path", "")).endswith("ProgressBar")
+            ]
+        if self.resumed_from is None or self.subcommand != "fit":
+            return
+        path, saved = self.resumed_from
+        version = run_version(path)
+        logger = self.config.fit.trainer.get("logger")
+        if version is None or not logger or not hasattr(logger, "init_args"):
+            return
+        # Continue the run the checkpoint belongs to: one folder, one metrics.csv, one curve.
+        logger.init_args.version = version
+        step = saved["global_step"]
+        run_dir = Path(logger.init_args.save_dir, logger.init_args.name or "", f"version_{version}")
+        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+            dropped = drop_rows_after(run_dir / "metrics.csv", step)
+            if dropped:
+                print(f"resuming {run_dir} at step {step}: dropped {dropped} metrics rows logged after it")
+        # The first run's config.yaml stays; this resume's is written beside it.
+        self.save_config_kwargs["config_filename"] = f"config.resumed-at-step-{step}.yaml"
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # The reward is an object, so the module does not save it; its config goes into the
+        # checkpoint here, and a resume from the command line alone gets it back.
+        reward = self.config[self.subcommand]["model"]["init_args"].get("reward") if self.subcommand else None
+        self.model.hparams["reward"] = reward.as_dict() if hasattr(reward, "as_dict") else reward
+
+
+def _subcommand_and_checkpoint(argv: list[str]) -> tuple[str | None, str | None]:
+    """The subcommand and the value of --ckpt_path in a command line, as given."""
+    subcommand = next((a for a in argv if a in ("fit", "validate", "test", "predict")), None)
+    for i, arg in enumerate(argv):
+        if arg == "--ckpt_path" and i + 1 < len(argv):
+            return subcommand, argv[i + 1]
+        if arg.startswith("--ckpt_path="):
+            return subcommand, arg.split("=", 1)[1]
+    return subcommand, None
+
+
+def main(args=None) -> CLI:
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        return CLI(
+            RBKLModule,
+            PromptDataModule,
+            subclass_mode_model=True,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            args=args,
+        )
+    except SIGTERMException:
+        # Lightning saved the checkpoint (last_checkpoint.save_on_exception) and re-raised.
+        sys.exit(EXIT_SIGTERM)
+    except SystemExit as exit_:
+        if interrupted and exit_.code not in (0, None):
+            sys.exit(EXIT_SIGINT)
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,147 @@
+"""Run folders that survive interruption: one history per run, resumed in place.
+
+`train.py fit --ckpt_path last` (or a checkpoint's path) continues the run the checkpoint belongs
+to: the same `logs/<name>/version_N/`, its `metrics.csv` cut back to the checkpoint's step and
+appended to, its `config.yaml` kept and the resume's configuration written beside it. The model
+settings come from the checkpoint unless given now (config files or command line), and a change
+that alters the objective is reported. train.py wires these helpers into LightningCLI.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+# Settings whose change between the checkpoint and the resumed run changes what is optimised.
+OBJECTIVE_SETTINGS = ("policy", "reference", "beta", "kl_gradient", "samples_per_prompt")
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        # Lightning's writer deletes an existing metrics.csv; a resumed run appends to it instead
+        # (the CLI has already dropped the rows past the checkpoint's step).
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class RunLogger(CSVLogger):
+    """CSVLogger whose run folder a resumed run appends to; rows reach the file every step by default."""
+
+    def __init__(
+        self,
+        save_dir: str = "logs",
+        name: str = "default",
+        version: int | str | None = None,
+        flush_logs_every_n_steps: int = 1,
+    ):
+        """
+        Args:
+            save_dir: root folder of the runs.
+            name: experiment name: runs go to <save_dir>/<name>/version_N.
+            version: N; None picks the next free one (a resume sets the resumed run's).
+            flush_logs_every_n_steps: write buffered rows to metrics.csv this often.
+        """
+        super().__init__(save_dir, name=name, version=version, flush_logs_every_n_steps=flush_logs_every_n_steps)
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also writes last.ckpt when training ends between two of its saves."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and self.dirpath is not None and not trainer.fast_dev_run:
+            # Every rank calls it: saving is a collective under sharded strategies.
+            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+
+
+def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
+    """The newest run's `checkpoints/last.ckpt` under <save_dir>/<name>/version_*, if any."""
+    candidates = []
+    for path in Path(save_dir, name).glob(f"version_*/{CHECKPOINTS_DIR}/last.ckpt"):
+        match = re.fullmatch(r"version_(\d+)", path.parent.parent.name)
+        if match:
+            candidates.append((int(match.group(1)), path))
+    return max(candidates)[1] if candidates else None
+
+
+def run_version(checkpoint: Path) -> int | None:
+    """N when the checkpoint lies in a run folder `.../version_N/checkpoints/`, else None."""
+    match = re.fullmatch(r"version_(\d+)", checkpoint.resolve().parent.parent.name)
+    return int(match.group(1)) if match and checkpoint.resolve().parent.name == CHECKPOINTS_DIR else None
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The parts of a checkpoint that the CLI needs: step and hyperparameters (tensors stay on CPU)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    return {
+        "global_step": int(checkpoint.get("global_step", 0)),
+        "hparams": dict(checkpoint.get("hyper_parameters", {})),
+    }
+
+
+def model_config(hparams: Mapping[str, Any]) -> dict[str, Any] | None:
+    """{class_path, init_args} of the module that wrote the checkpoint, from its hyperparameters."""
+    hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
+    class_path = hparams.pop("_class_path", None)
+    if class_path is None:
+        return None
+    return {"class_path": class_path, "init_args": hparams}
+
+
+def objective_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """'beta: 0.05 -> 0.5' for every objective setting that differs between checkpoint and now."""
+    changes = []
+    for key in OBJECTIVE_SETTINGS:
+        if key in saved and key in now and saved[key] != now[key]:
+            changes.append(f"{key}: {saved[key]!r} -> {now[key]!r}")
+    return changes
+
+
+def drop_rows_after(metrics_csv: Path, step: int) -> int:
+    """Remove the rows of the steps after a checkpoint taken at global step `step`; returns how many.
+
+    Rows carry the global step they were logged at: a training step logs at the count of updates
+    before it, so the steps a checkpoint at `step` holds are the rows 0 .. step - 1 (a run killed
+    after its last checkpoint leaves later ones, which the resumed run writes again).
+    """
+    if not metrics_csv.is_file():
+        return 0
+    with open(metrics_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], list(reader)
+    kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
+    if len(kept) < len(rows):
+        with open(metrics_csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+    return len(rows) - len(kept)
+
+
+def warn_objective_changes(changes: list[str]) -> None:
+    if changes:
+        warnings.warn(
+            "resuming with settings that change the objective (" + "; ".join(changes) + "): the "
+            "checkpoint was trained for another objective",
+            UserWarning,
+            stacklevel=2,
+        )
