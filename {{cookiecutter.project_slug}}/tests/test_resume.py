@@ -138,3 +138,30 @@ def test_a_checkpoint_without_the_policy_weights_is_refused(tmp_path):
     module = RBKLModule()
     with pytest.raises(ValueError, match="lacks .* of the policy's weights"):
         module.on_load_checkpoint({"state_dict": {}})
+
+
+@pytest.mark.slow
+def test_a_resumed_cpu_run_repeats_the_uninterrupted_one(tmp_path):
+    # One process, one thread, a metrics row per step: the same batches and samples after the
+    # resume, so every train/* value equals the uninterrupted run's.
+    single_thread = {**env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def train(cwd: Path, *args: str) -> None:
+        cmd = [sys.executable, str(PROJECT / "train.py"), *BASE, *args]
+        result = subprocess.run(cmd, cwd=cwd, env=single_thread, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    train(tmp_path / "a", "--trainer.max_steps=7")
+    train(tmp_path / "b", "--trainer.max_steps=3")  # stops mid-epoch (an epoch is 20 steps)
+    train(tmp_path / "b", "--trainer.max_steps=7", "--ckpt_path", "last")
+    rows = {name: train_rows(only_run(tmp_path / name)) for name in ("a", "b")}
+    assert [r["step"] for r in rows["a"]] == [r["step"] for r in rows["b"]] == [str(s) for s in range(7)]
+    keys = [k for k in rows["a"][0] if k.startswith("train/") and rows["a"][0][k]]
+    assert "train/kl/rb/mean" in keys and "train/reward/mean" in keys
+    for uninterrupted, resumed in zip(rows["a"][3:], rows["b"][3:], strict=True):
+        for key in keys:
+            assert float(resumed[key]) == pytest.approx(float(uninterrupted[key]), rel=1e-6, abs=1e-9), (
+                resumed["step"],
+                key,
+            )

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
-from torch.utils.data import DataLoader, DistributedSampler
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .vocabulary import TRAIN_PROMPTS, VAL_PROMPTS
 
@@ -74,7 +75,9 @@ class PromptDataModule(L.LightningDataModule):
             num_val_prompts: number of fixed validation prompts.
             epoch_repeats: one epoch goes over the training prompts this many times (for small prompt sets).
             batch_size: prompts per device per step; each is sampled samples_per_prompt times.
-            seed: seed for cutting and subsampling hub texts.
+            seed: seed for the order of training prompts (a function of seed and epoch only, so a
+                resumed run sees the batches the interrupted one would have) and for cutting and
+                subsampling hub texts.
         """
         super().__init__()
         if batch_size < 1 or epoch_repeats < 1:
@@ -150,7 +153,19 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         prompts = self.train_prompts * self.hparams.epoch_repeats
-        return DataLoader(prompts, batch_size=self.hparams.batch_size, shuffle=True, collate_fn=list)
+        sampler = EpochShuffle(len(prompts), self.hparams.seed, self._epoch, self._items_done)
+        return DataLoader(prompts, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=list)
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def _items_done(self) -> int:
+        # Resuming mid-epoch: Lightning has restored its loop by the time an epoch's iteration
+        # starts, and the order continues after the batches already trained on.
+        loop = self.trainer.fit_loop if self.trainer is not None else None
+        if loop is None or not loop.restarting:
+            return 0
+        return loop.epoch_loop.batch_progress.current.completed * self.hparams.batch_size
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_prompts, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=list)
@@ -160,6 +175,21 @@ class PromptDataModule(L.LightningDataModule):
         ranks, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EachOnceSampler(self.test_prompts, num_replicas=ranks, rank=rank)
         return DataLoader(self.test_prompts, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=list)
+
+
+class EpochShuffle(Sampler[int]):
+    """A random order of n items that depends only on (seed, epoch), starting after `done()` items."""
+
+    def __init__(self, n: int, seed: int, epoch: Callable[[], int], done: Callable[[], int]):
+        self.n, self.seed, self.epoch, self.done = n, seed, epoch, done
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch())
+        order = torch.randperm(self.n, generator=generator).tolist()
+        return iter(order[self.done() :])
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class EachOnceSampler(DistributedSampler):

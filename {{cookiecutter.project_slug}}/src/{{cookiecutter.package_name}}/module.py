@@ -129,6 +129,7 @@ class RBKLModule(L.LightningModule):
         self.studies = nn.ModuleDict({f"{stage}_study": EstimatorStudy(stage, LOGGED_ESTIMATORS) for stage in STAGES})
         # Checkpoints hold the policy only: the reference and reward are rebuilt from the config.
         self.strict_loading = False
+        self._rng_states_to_restore: dict[str, Any] | None = None  # set by on_load_checkpoint
 
     # -- modes ---------------------------------------------------------------------------------
 
@@ -150,8 +151,23 @@ class RBKLModule(L.LightningModule):
                 f"the checkpoint lacks {len(missing)} of the policy's weights (e.g. {missing[0]!r}): it was not "
                 "written for this policy"
             )
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch: list[str], batch_idx: int) -> None:
+        # Restored here, not at load: Lightning draws random numbers between loading and training.
+        states, self._rng_states_to_restore = self._rng_states_to_restore, None
+        # Ranks draw from different streams (on_fit_start); the checkpoint holds rank 0's only.
+        if states is not None and self.trainer.world_size == 1:
+            torch.set_rng_state(states["torch"])
+            if "cuda" in states and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The sampling randomness at this step, restored at the first resumed batch: with the
+        # data order (data.EpochShuffle) it makes a resumed CPU run repeat the uninterrupted one.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(("reference.", "reward."))]:
             del state[key]

@@ -68,7 +68,10 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        if self.save_last and self.dirpath is not None and not trainer.fast_dev_run:
+        # A save at this very step already holds it, taken mid-epoch: keep that one, which a
+        # resume continues exactly (by now Lightning counts the cut-short epoch as finished).
+        saved_now = getattr(self, "_last_global_step_saved", None) == trainer.global_step
+        if self.save_last and self.dirpath is not None and not trainer.fast_dev_run and not saved_now:
             # Every rank calls it: saving is a collective under sharded strategies.
             trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
 
