@@ -7,6 +7,7 @@ import sys
 # Values arrive as JSON literals so that quotes in a name cannot inject code into this hook.
 SLUG = {{ cookiecutter.project_slug | tojson }}
 PACKAGE = {{ cookiecutter.package_name | tojson }}
+MODELS = {"policy_model": {{ cookiecutter.policy_model | tojson }}, "reward_model": {{ cookiecutter.reward_model | tojson }}}
 
 # Importing the package under one of these names would shadow a dependency or a project file.
 RESERVED = {
@@ -29,6 +30,9 @@ def problem() -> str | None:
         return f"package_name {PACKAGE!r} is a Python keyword."
     if PACKAGE.lower() in RESERVED:
         return f"package_name {PACKAGE!r} would shadow the dependency or project file of that name."
+    for key, name in MODELS.items():
+        if not name or re.search(r"[\s'\"`]", name):
+            return f"{key} {name!r} is not a hub name or a path: no spaces, quotes or backticks."
     return None
 
 

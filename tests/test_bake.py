@@ -8,15 +8,84 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from cookiecutter.main import cookiecutter
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest brings tomli
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATE_PROJECT = ROOT / "{{cookiecutter.project_slug}}"
 BINARY_SUFFIXES = {".png"}
+# What a bake must contain, written out: a file lost from the template fails the test.
+PROJECT_FILES = [
+    ".gitignore",
+    "Makefile",
+    "README.md",
+    "benchmarks/samples_per_second.py",
+    "benchmarks/step.py",
+    "configs/default.yaml",
+    "configs/distill.yaml",
+    "configs/imdb.yaml",
+    "configs/kl_eval.yaml",
+    "configs/logger/tensorboard.yaml",
+    "configs/trainer/ddp.yaml",
+    "configs/trainer/fsdp.yaml",
+    "docs/estimator_spread.png",
+    "docs/estimators.md",
+    "docs/reward_vs_kl.png",
+    "pyproject.toml",
+    "train.py",
+]
+PACKAGE_MODULES = [
+    "__init__",
+    "callbacks",
+    "cli",
+    "compare_runs",
+    "data",
+    "estimators",
+    "kl_report",
+    "metrics",
+    "models",
+    "module",
+    "objective",
+    "plots",
+    "rewards",
+    "runs",
+    "sampling",
+    "schedules",
+    "token_stats",
+    "vocabulary",
+]
+TEST_MODULES = [
+    "conftest",
+    "ddp_probe",
+    "distributed",
+    "tabular_lm",
+    "test_callbacks",
+    "test_cli",
+    "test_compare_runs",
+    "test_data_and_rewards",
+    "test_ddp",
+    "test_estimators",
+    "test_metrics",
+    "test_objective",
+    "test_resume",
+    "test_sampling",
+    "test_schedules",
+    "test_statistics",
+    "test_token_stats",
+    "test_training",
+]
+
+# Every free-text field with quotes, a backslash, Markdown punctuation and non-ASCII text.
 CUSTOM = {
-    "project_name": 'Jane\'s "Quoted" KL Study',
+    "project_name": 'Jane\'s "Quoted" KL *Study* \\ Zoë',
     "project_slug": "kl-study",
     "package_name": "kl_study",
+    "author": 'Zoë "ZQ" O\'Brien \\ Lab',
+    "description": 'A "quoted" study of KL "estimators" with a \\backslash, <tags> and _emphasis_ — é"',
 }
 
 
@@ -34,7 +103,11 @@ def files_of(folder: Path) -> set[str]:
 
 
 def expected_files(package: str) -> set[str]:
-    return {f.replace("{{cookiecutter.package_name}}", package) for f in files_of(TEMPLATE_PROJECT)}
+    return (
+        set(PROJECT_FILES)
+        | {f"src/{package}/{m}.py" for m in PACKAGE_MODULES}
+        | {f"tests/{m}.py" for m in TEST_MODULES}
+    )
 
 
 def run(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
@@ -69,8 +142,11 @@ def test_default_bake_has_the_expected_files(default_bake):
 def test_custom_names_reach_every_file(custom_bake):
     assert custom_bake.name == "kl-study"
     assert files_of(custom_bake) == expected_files("kl_study")
-    assert 'name = "kl-study"' in (custom_bake / "pyproject.toml").read_text()
-    assert CUSTOM["project_name"] in (custom_bake / "README.md").read_text()
+    pyproject = tomllib.loads((custom_bake / "pyproject.toml").read_text())["project"]
+    assert pyproject["name"] == "kl-study" and pyproject["description"] == CUSTOM["description"]
+    assert pyproject["authors"] == [{"name": CUSTOM["author"]}]
+    readme = (custom_bake / "README.md").read_text().splitlines()
+    assert readme[0] == '# Jane\'s "Quoted" KL \\*Study\\* \\\\ Zoë', "Markdown shows the name as typed"
     assert "from kl_study." in (custom_bake / "tests" / "test_estimators.py").read_text()
 
 
@@ -104,6 +180,15 @@ def test_custom_bake_fast_tests_pass(custom_bake):
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
 
 
+def test_custom_free_text_bakes_a_package_that_imports(custom_bake):
+    code = "import kl_study, sys; sys.stdout.write(kl_study.__doc__)"
+    result = run([sys.executable, "-c", code], custom_bake / "src", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == CUSTOM["description"]
+    imdb = yaml.safe_load((custom_bake / "configs" / "imdb.yaml").read_text())
+    assert imdb["model"]["init_args"]["policy"] == "lvwerra/gpt2-imdb"
+
+
 @pytest.mark.parametrize(
     "context, message",
     [
@@ -114,6 +199,8 @@ def test_custom_bake_fast_tests_pass(custom_bake):
         ({"package_name": "bad-name"}, "not a valid Python identifier"),
         ({"package_name": 'x"; import os; os.system("touch pwned"); y="'}, "not a valid Python identifier"),
         ({"project_slug": "Bad Slug!"}, "project_slug 'Bad Slug!' is not valid"),
+        ({"policy_model": "my model"}, "policy_model 'my model' is not a hub name or a path"),
+        ({"reward_model": "a`b"}, "reward_model 'a`b' is not a hub name or a path"),
     ],
 )
 def test_invalid_names_are_refused_with_the_hook_message(tmp_path, context, message):

@@ -1,4 +1,4 @@
-"""{{ cookiecutter.description }}"""
+"""{{ cookiecutter.description | docstring }}"""
 
 from .estimators import GRADIENT_ESTIMATORS, VALUE_ESTIMATORS, kl_grad_surrogate, sequence_kl
 
