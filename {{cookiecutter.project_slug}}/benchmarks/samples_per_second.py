@@ -7,13 +7,16 @@ Identical settings on both sides: the built-in tiny GPT-2 (saved to a temporary 
 loaded with from_pretrained), CPU, 8 prompts x k = 4 samples per step, 12 new tokens, beta 0.05,
 lr 3e-4, a keyword reward, pure sampling (temperature 1, top-k 0, top-p 1), metrics logged every
 step. Ours also computes every KL estimator (mc, k2, k3, cv, rb) on every step; TRL computes one.
-Times cover the training loop only, not model loading.
+Both are timed the same way: the wall time of each optimizer step, from the start of the step to
+its end, the first `--warmup` steps dropped (allocator, kernels, lazy imports), then the median;
+samples/s = samples per step / median step time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +33,24 @@ from {{ cookiecutter.package_name }}.vocabulary import TRAIN_PROMPTS, builtin_to
 PROMPTS, K, NEW_TOKENS, BETA, LR, WORDS = 8, 4, 12, 0.05, 3e-4, ["good", "great"]
 
 
-def ours(model_dir: Path, steps: int, kl_gradient: str, log_dir: Path) -> float:
+class StepTimes(L.Callback):
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.times.append(time.perf_counter() - self.start)
+
+
+def steady_rate(times: list[float], warmup: int) -> float:
+    if len(times) <= warmup:
+        raise ValueError(f"{len(times)} steps timed: need more than --warmup={warmup}")
+    return PROMPTS * K / statistics.median(times[warmup:])
+
+
+def ours(model_dir: Path, steps: int, kl_gradient: str, log_dir: Path, warmup: int) -> float:
     L.seed_everything(0)
     module = RBKLModule(
         policy=str(model_dir),
@@ -51,16 +71,26 @@ def ours(model_dir: Path, steps: int, kl_gradient: str, log_dir: Path) -> float:
         log_every_n_steps=1,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=[timer := StepTimes()],
     )
-    start = time.perf_counter()
     trainer.fit(module, PromptDataModule(batch_size=PROMPTS, epoch_repeats=steps))
-    return steps * PROMPTS * K / (time.perf_counter() - start)
+    return steady_rate(timer.times, warmup)
 
 
-def trl(model_dir: Path, steps: int, out_dir: Path) -> float:
+def trl(model_dir: Path, steps: int, out_dir: Path, warmup: int) -> float:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
+
+    class TRLStepTimes(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, *args, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
 
     L.seed_everything(0)
     words = set(WORDS)
@@ -92,33 +122,34 @@ def trl(model_dir: Path, steps: int, out_dir: Path) -> float:
         args=args,
         train_dataset=Dataset.from_dict({"prompt": TRAIN_PROMPTS * steps}),
         processing_class=tokenizer,
+        callbacks=[timer := TRLStepTimes()],
     )
-    start = time.perf_counter()
     trainer.train()
-    return steps * PROMPTS * K / (time.perf_counter() - start)
+    return steady_rate(timer.times, warmup)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps of each run left out of the median")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "tiny-gpt2"
         load_causal_lm("builtin:tiny-gpt2").save_pretrained(model_dir)
         builtin_tokenizer().save_pretrained(model_dir)
-        ours(model_dir, 5, "rb", Path(tmp) / "warmup")  # first-call costs (allocator, imports) off the clock
         for gradient in ("rb", "mc"):
-            results[f"ours_{gradient}"] = ours(model_dir, args.steps, gradient, Path(tmp) / "logs")
+            results[f"ours_{gradient}"] = ours(model_dir, args.steps, gradient, Path(tmp) / "logs", args.warmup)
         try:
-            results["trl_rloo"] = trl(model_dir, args.steps, Path(tmp) / "trl")
+            results["trl_rloo"] = trl(model_dir, args.steps, Path(tmp) / "trl", args.warmup)
         except ImportError as err:
             print(f"TRL not measured ({err}); pip install trl to compare")
     for name, rate in results.items():
         print(f"{name:<9} {rate:8.1f} samples/s")
     if "trl_rloo" in results:
         print(f"ours (rb) / TRL RLOO: {results['ours_rb'] / results['trl_rloo']:.2f}x samples per second")
-    print(json.dumps({"benchmark": "samples_per_second", "steps": args.steps, "samples_per_s": results}))
+    summary = {"benchmark": "samples_per_second", "steps": args.steps, "warmup": args.warmup, "samples_per_s": results}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

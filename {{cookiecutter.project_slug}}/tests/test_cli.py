@@ -49,8 +49,27 @@ def test_every_shipped_config_validates(config, capsys):
 
 
 def test_a_config_before_the_subcommand_is_not_accepted():
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         train.main(args=["--config", str(PROJECT / "configs/default.yaml"), "fit"])
+    assert exit_info.value.code not in (0, None)
+
+
+@pytest.mark.parametrize(
+    "arg, sentence",
+    [
+        ("--model.init_args.samples_per_prompt=1", "error: samples_per_prompt must be >= 2"),
+        ("--model.init_args.beta=-0.1", "error: beta must be >= 0, got -0.1"),
+        ("--model.init_args.kl_gradient=foo", "error: model.init_args.kl_gradient: Expected a typing.Literal"),
+        ("--data.batch_size=abc", "error: data.batch_size: Expected a <class 'int'>. Got value: abc"),
+    ],
+)
+def test_a_bad_option_ends_in_one_sentence_that_names_it(tmp_path, arg, sentence):
+    result = run_cli("fit", "--config", str(PROJECT / "configs/default.yaml"), arg, cwd=tmp_path)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(sentence), result.stderr[-2000:]
+    if "samples_per_prompt" in arg:
+        assert "Traceback" not in result.stderr, "a bad setting is a sentence, not a traceback"
 
 
 @pytest.mark.slow

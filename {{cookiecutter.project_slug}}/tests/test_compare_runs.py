@@ -62,3 +62,22 @@ def test_missing_and_corrupt_files_name_the_file(tmp_path, capsys):
         main([str(bad), "--output", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "bad/metrics.csv" in capsys.readouterr().err
+
+
+def test_incomplete_runs_are_skipped_with_a_line_each_unless_strict(tmp_path, capsys):
+    good = write_run(tmp_path / "good", 1.0, 0.8, "rb")
+    empty = tmp_path / "empty"  # interrupted before it wrote anything
+    empty.mkdir()
+    no_validation = tmp_path / "no_val"
+    no_validation.mkdir()
+    (no_validation / "metrics.csv").write_text("epoch,step,train/loss\n0,1,0.3\n")
+    main([str(good), str(empty), str(no_validation), "--output", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert f"skipped {empty}:" in out and f"skipped {no_validation}:" in out
+    assert "skipped 2 of 3 runs" in out and "1 runs; share" in out
+    assert len(json.loads((tmp_path / "out" / "pareto.json").read_text())["skipped"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(good), str(empty), "--output", str(tmp_path / "out"), "--strict"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        main([str(empty), "--output", str(tmp_path / "out")])  # nothing left to compare

@@ -113,3 +113,31 @@ def test_hub_source_cuts_reviews_to_2_to_8_tokens(monkeypatch, hf_checkpoints):
     assert not any("<br />" in p for p in data.train_prompts)
     with pytest.raises(ValueError, match="needs data.hf_tokenizer"):
         PromptDataModule(source="hf").setup("fit")
+
+
+def test_every_prompt_is_checked_before_the_first_step(tmp_path):
+    import lightning as L
+
+    from {{ cookiecutter.package_name }}.module import RBKLModule
+
+    prompts = tmp_path / "train.txt"
+    long_prompt = " ".join(["the movie was good and"] * 12)  # 60 words: no room for 12 new tokens
+    prompts.write_text("\n".join(["the movie was"] * 20 + [long_prompt, "a film with"]) + "\n")
+    data = PromptDataModule(source="file", train_path=str(prompts), num_val_prompts=1, batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="exceeds the model's context of 64 tokens: 'the movie was good and"):
+        trainer.fit(RBKLModule(max_new_tokens=12), data)
+    assert trainer.global_step == 0, "refused before any step"
+
+
+def test_words_outside_the_vocabulary_are_named_once():
+    from {{ cookiecutter.package_name }}.module import RBKLModule
+
+    with pytest.warns(UserWarning, match=r"2 word\(s\) .* read as <unk>: 'qwzx', 'zzyzx'") as record:
+        RBKLModule().warn_unknown_words(["the camera qwzx", "zzyzx film", "the movie"])
+    assert len(record) == 1
+
+
+def test_a_batch_larger_than_the_prompt_set_is_said(tmp_path):
+    with pytest.warns(UserWarning, match="data.batch_size=64 is more than the"):
+        PromptDataModule(batch_size=64).setup("fit")

@@ -104,9 +104,13 @@ def test_bad_module_arguments_are_clear_errors(kwargs, match):
 
 
 def test_bfloat16_weights_train_a_step(tmp_path):
-    module = RBKLModule(reward=KeywordReward(["good"]), dtype="bfloat16")
+    module = RBKLModule(reward=KeywordReward(["good"]), dtype="bfloat16", lr=1e-2)
     assert next(module.policy.parameters()).dtype == torch.bfloat16
-    fit(module, tmp_path, steps=1, enable_checkpointing=False)
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    trainer = fit(module, tmp_path, steps=1, enable_checkpointing=False)
+    assert all(torch.isfinite(torch.tensor(logged(trainer, key))).all() for key in ("train/loss", "train/kl/rb/mean"))
+    changed = [k for k, v in module.policy.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and next(module.policy.parameters()).dtype == torch.bfloat16, "one bf16 update took place"
 
 
 class WeightsAtStart(L.Callback):
@@ -171,3 +175,17 @@ def test_bf16_mixed_step_logs_the_rb_kl_of_its_own_logits(tmp_path):
     per_sample = (stats.kl * mask).sum(-1).double()  # [N]
     expected = per_sample.reshape(-1, 4).mean(1).mean().item()
     assert logged(trainer, "train/kl/rb/mean")[0] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+class ModeRecorder(RBKLModule):
+    def training_step(self, batch, batch_idx):
+        self.modes.append([m.training for m in (*self.policy.modules(), *self.reference.modules())])
+        return super().training_step(batch, batch_idx)
+
+
+def test_every_model_is_in_eval_mode_during_training_steps(tmp_path):
+    # The built-in policy is built in train mode; Lightning 2.6 never calls train() during fit.
+    module = ModeRecorder(reward=KeywordReward(["good"]))
+    module.modes = []
+    fit(module, tmp_path, steps=2, enable_checkpointing=False)
+    assert len(module.modes) == 2 and not any(any(step) for step in module.modes)

@@ -10,9 +10,12 @@ and exit with 143 and 130, so a scheduler never mistakes an interrupted run for 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -151,7 +154,49 @@ def _subcommand_and_checkpoint(argv: list[str]) -> tuple[str | None, str | None]
     return subcommand, None
 
 
+def _innermost(error: BaseException) -> BaseException:
+    """The exception at the bottom of a chain: the sentence our code raised, not a wrapper's."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _parse_error_summary(message: str) -> str:
+    """'model.init_args.kl_gradient: Expected ...' from jsonargparse's nested error text."""
+    keys, detail = [], message.strip().splitlines()[-1].strip()
+    lines = [line.strip() for line in message.splitlines()]
+    for i, line in enumerate(lines):
+        if line.startswith('Parser key "') and line.endswith('":'):
+            keys.append(line[len('Parser key "') : -2])
+            detail = lines[i + 1] if i + 1 < len(lines) else detail
+        elif line.startswith("Given value"):
+            break
+    if len(keys) > 1 and keys[0] == "model":
+        keys.insert(1, "init_args")
+    return ".".join(keys) + ": " + detail if keys else detail
+
+
+class _DropTips(logging.Filter):
+    """Lightning's advertising tips and bookkeeping notes: not what a first run should print."""
+
+    NOISE = ("💡 Tip:", "Loading `train_dataloader` to estimate")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+def _quiet() -> None:
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        handler.addFilter(_DropTips())
+    # The models stay in eval mode on purpose (dropout off, docs/estimators.md §6), and the
+    # LeafSpec notice is Lightning's own deprecation, which a user cannot act on.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
 def main(args=None) -> CLI:
+    """Run the CLI. Errors end with one line `error: <sentence>` (RBKL_TRACEBACK=1: the traceback)."""
+    _quiet()
     interrupted = []
 
     def on_sigint(signum, frame):
@@ -173,6 +218,19 @@ def main(args=None) -> CLI:
     except SystemExit as exit_:
         if interrupted and exit_.code not in (0, None):
             sys.exit(EXIT_SIGINT)
+        if exit_.code == 2 and exit_.__context__ is not None:
+            # jsonargparse printed the usage and its nested message; the gist goes last.
+            sys.stderr.write(f"error: {_parse_error_summary(str(exit_.__context__))}\n")
         raise
+    except Exception as error:
+        if os.environ.get("RBKL_TRACEBACK"):
+            raise
+        root = _innermost(error)
+        if root is error:  # raised while running: where it happened matters
+            traceback.print_exception(error)
+        else:  # a bad setting, wrapped by the config parser: the sentence is what matters
+            sys.stderr.write("(RBKL_TRACEBACK=1 shows the traceback)\n")
+        sys.stderr.write(f"error: {root}\n")
+        sys.exit(1)
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -77,17 +77,32 @@ def compare(
     kl_key: str = KL_KEY,
     reward_key: str = REWARD_KEY,
     group_key: str = "kl_gradient",
+    strict: bool = True,
 ) -> dict:
-    """Load runs, find the frontier, write `pareto.png` and `pareto.json` under `output`."""
+    """Load runs, find the frontier, write `pareto.png` and `pareto.json` under `output`.
+
+    A run that cannot be read (interrupted before its first validation, failed, empty) is an
+    error when `strict`, else skipped and listed under "skipped" with the reason.
+    """
     if not runs:
         raise ValueError("no runs given")
-    points = [load_run(Path(r), kl_key, reward_key, group_key) for r in runs]
+    points, skipped = [], []
+    for run in runs:
+        try:
+            points.append(load_run(Path(run), kl_key, reward_key, group_key))
+        except (FileNotFoundError, ValueError) as err:
+            if strict:
+                raise
+            skipped.append({"run": str(run), "reason": str(err)})
+    if not points:
+        reasons = "; ".join(s["reason"] for s in skipped)
+        raise ValueError(f"none of the {len(runs)} runs has a validation result to compare ({reasons})")
     frontier = pareto_frontier([(p["kl"], p["reward"]) for p in points])
     for i, p in enumerate(points):
         p["on_frontier"] = i in frontier
     on_front = Counter(str(points[i][group_key]) for i in frontier)
     share = {group: on_front[group] / len(frontier) for group in sorted({str(p[group_key]) for p in points})}
-    summary = {"kl_key": kl_key, "reward_key": reward_key, "runs": points, "frontier_share": share}
+    summary = {"kl_key": kl_key, "reward_key": reward_key, "runs": points, "frontier_share": share, "skipped": skipped}
     output.mkdir(parents=True, exist_ok=True)
     (output / "pareto.json").write_text(json.dumps(summary, indent=2))
     plots.pareto(points, frontier, group_key).savefig(output / "pareto.png")
@@ -101,11 +116,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--kl-key", default=KL_KEY, help="metrics.csv column used as KL")
     parser.add_argument("--reward-key", default=REWARD_KEY, help="metrics.csv column used as reward")
     parser.add_argument("--group-key", default="kl_gradient", help="hyperparameter that groups runs")
+    parser.add_argument(
+        "--strict", action="store_true", help="stop at a run that cannot be read instead of skipping it"
+    )
     args = parser.parse_args(argv)
     try:
-        summary = compare(args.runs, args.output, args.kl_key, args.reward_key, args.group_key)
+        summary = compare(args.runs, args.output, args.kl_key, args.reward_key, args.group_key, strict=args.strict)
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
+    for skip in summary["skipped"]:
+        print(f"skipped {skip['run']}: {skip['reason']}")
+    if summary["skipped"]:
+        print(f"skipped {len(summary['skipped'])} of {len(args.runs)} runs (--strict stops at the first instead)")
     print(f"{len(summary['runs'])} runs; share of the Pareto frontier by {args.group_key}:")
     for group, share in summary["frontier_share"].items():
         print(f"  {group:<10} {share:6.1%}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -95,6 +96,14 @@ class PromptDataModule(L.LightningDataModule):
             self.test_prompts = self.test_prompts or self._test_prompts()
         elif not self.train_prompts:
             self.train_prompts, self.val_prompts = self._fit_prompts()
+            per_epoch = len(self.train_prompts) * self.hparams.epoch_repeats
+            if self.hparams.batch_size > per_epoch:
+                warnings.warn(
+                    f"data.batch_size={self.hparams.batch_size} is more than the {per_epoch} training prompts of an "
+                    f"epoch: each epoch is one step of {per_epoch} prompts",
+                    UserWarning,
+                    stacklevel=2,
+                )
 
     def _test_prompts(self) -> list[str]:
         h = self.hparams

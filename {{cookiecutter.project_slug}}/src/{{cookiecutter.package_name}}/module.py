@@ -52,10 +52,6 @@ class StepOutput:
     loss: LossParts | None  # None when the step computes no loss (validation)
 
 
-# Eval mode is deliberate here (see RBKLModule.train); Lightning warns about it at every fit.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
-
-
 class RBKLModule(L.LightningModule):
     def __init__(
         self,
@@ -119,6 +115,7 @@ class RBKLModule(L.LightningModule):
         self.reference = freeze(load_causal_lm(reference or policy, dtype, trust_remote_code))
         check_same_vocabulary(self.policy, self.reference, self.tokenizer)
         self.reward = freeze(reward) if isinstance(reward, nn.Module) else reward
+        self.train()  # every model in eval mode from the start, not only after Lightning's first switch
         self.generation_config = sampling_config(
             max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id,
@@ -135,7 +132,8 @@ class RBKLModule(L.LightningModule):
 
     def train(self, mode: bool = True):
         # Sampling and the training forward must see the same distribution, so every model
-        # stays in eval mode (dropout is also set to 0 on load).
+        # stays in eval mode (dropout is also set to 0 on load). Lightning 2.6 does not call
+        # this during fit (it only restores modes around validation): __init__ calls it.
         super().train(mode)
         for model in (self.policy, self.reference, self.reward):
             if isinstance(model, nn.Module):
@@ -189,6 +187,30 @@ class RBKLModule(L.LightningModule):
                 f"the model's context of {limit} tokens: {longest[:80]!r}"
             )
         return ids, mask
+
+    def setup(self, stage: str) -> None:
+        # Every prompt checked before the first step, not when its batch comes up.
+        data = self.trainer.datamodule
+        names = {"fit": ("train_prompts", "val_prompts"), "validate": ("val_prompts",), "test": ("test_prompts",)}
+        prompts = [p for name in names.get(stage, ()) for p in getattr(data, name, [])]
+        for start in range(0, len(prompts), 256):
+            self.encode_prompts(prompts[start : start + 256])
+        self.warn_unknown_words(prompts)
+
+    def warn_unknown_words(self, prompts: Sequence[str]) -> None:
+        """One warning listing the words the tokenizer can only read as its unknown token."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None or unk == self.tokenizer.eos_token_id:  # byte-level BPE has no unknown words
+            return
+        words = sorted({w for p in prompts for w in p.split() if unk in self.tokenizer(w)["input_ids"]})
+        if words:
+            shown = ", ".join(repr(w) for w in words[:12]) + (", ..." if len(words) > 12 else "")
+            warnings.warn(
+                f"{len(words)} word(s) of the prompts are not in the tokenizer's vocabulary and read as "
+                f"{self.tokenizer.unk_token}: {shown}",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def context_length(self) -> int | None:
         config = self.policy.config

@@ -60,7 +60,7 @@ VAL_PROMPTS = [
     "the actress was",
     "this show was",
     "the film made me",
-    "the last scene",
+    "the second scene",
     "our friend saw it and",
     "the cast and the director",
 ]
