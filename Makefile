@@ -11,7 +11,7 @@ DEMO_DIR ?= demo
 DEMO_PROJECT := $(DEMO_DIR)/rbkl-project
 TEMPLATE_FILES := $(shell find cookiecutter.json hooks '{{cookiecutter.project_slug}}' -type f -not -path '*/__pycache__/*')
 
-.PHONY: install test demo lint clean
+.PHONY: install test test-fast demo lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ install: $(VENV)/.installed
 
 test: install lint
 	$(PY) -m pytest tests
+
+# The contributor's loop: lint, bake, inspect, and the baked project's fast tests (about a minute).
+test-fast: install lint
+	$(PY) -m pytest tests -m "not slow"
 
 lint: install
 	$(PY) -m ruff check .

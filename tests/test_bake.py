@@ -168,6 +168,7 @@ def test_baked_code_passes_ruff_lint_and_format(which, request):
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_baked_project_tests_pass(default_bake):
     result = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], default_bake, timeout=1800)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     DistilBertConfig,
@@ -104,3 +106,23 @@ def prompt_files(tmp_path_factory) -> dict[str, Path]:
     train.write_text("\n".join(["this movie was", "the acting", "a film with", "i loved the"] * 2) + "\n")
     val.write_text('{"prompt": "the story is"}\n{"prompt": "what a"}\n')
     return {"train": train, "val": val}
+
+
+@pytest.fixture
+def tiny_trainer(tmp_path):
+    """Makes CPU Trainers for tests: a CSV logger in tmp_path, no bar, no summary, no sanity check,
+    metrics every step; keyword arguments override any of these."""
+
+    def make(**overrides) -> L.Trainer:
+        settings = {
+            "accelerator": "cpu",
+            "logger": CSVLogger(tmp_path, name="run"),
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 1,
+            "default_root_dir": tmp_path,
+        }
+        return L.Trainer(**{**settings, **overrides})
+
+    return make

@@ -79,20 +79,17 @@ def test_unknown_estimator_in_plot_is_refused():
         RewardVsKLPlot(estimators=["k9"])
 
 
-def test_plots_reach_tensorboard_when_it_is_the_logger(tmp_path):
+def test_plots_reach_tensorboard_when_it_is_the_logger(tiny_trainer, tmp_path):
     pytest.importorskip("tensorboardX")
     from lightning.pytorch.loggers import TensorBoardLogger
 
     L.seed_everything(0)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = tiny_trainer(
         max_epochs=1,
         logger=TensorBoardLogger(tmp_path, name="tb"),
         callbacks=[RewardVsKLPlot()],
-        enable_progress_bar=False,
         enable_checkpointing=False,
         limit_train_batches=2,
-        log_every_n_steps=1,
     )
     trainer.fit(RBKLModule(reward=VaderSentimentReward(), val_samples_per_prompt=2), PromptDataModule(batch_size=8))
     events = b"".join(p.read_bytes() for p in tmp_path.rglob("events.out.tfevents.*"))

@@ -170,3 +170,19 @@ def test_kl_evaluation_refuses_bad_input_before_sampling(tmp_path, args, message
     assert result.returncode != 0
     assert message in result.stderr
     assert "Testing" not in result.stdout
+
+
+def test_help_says_how_to_list_the_model_options(tmp_path):
+    result = run_cli("fit", "--help", cwd=tmp_path)
+    assert "python train.py fit --model.help RBKLModule" in " ".join(result.stdout.split())
+    model = run_cli("fit", "--model.help", "RBKLModule", cwd=tmp_path)
+    assert model.returncode == 0 and "--model.beta" in model.stdout and "KL coefficient" in model.stdout
+
+
+@pytest.mark.slow
+def test_a_first_run_prints_the_bar_the_metrics_and_where_the_files_went(tmp_path):
+    result = run_cli("fit", "--config", str(PROJECT / "configs/default.yaml"), "--trainer.max_epochs=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "KL estimators at epoch 0" in result.stdout and "Run folder: logs/default/version_0" in result.stdout
+    for noise in ("Tip:", "LeafSpec", "Found 68 module(s)", "Traceback", "Warning"):
+        assert noise not in result.stdout + result.stderr, noise

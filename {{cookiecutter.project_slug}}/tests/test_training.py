@@ -14,20 +14,9 @@ from {{ cookiecutter.package_name }}.rewards import KeywordReward, Reward
 from {{ cookiecutter.package_name }}.token_stats import token_stats
 
 
-def fit(module, tmp_path: Path, steps: int, batch_size: int = 8, **trainer_kw) -> L.Trainer:
+def fit(tiny_trainer, module, steps: int, batch_size: int = 8, **trainer_kw) -> L.Trainer:
     L.seed_everything(0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=CSVLogger(tmp_path, name="run"),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        log_every_n_steps=1,
-        default_root_dir=tmp_path,
-        **trainer_kw,
-    )
+    trainer = tiny_trainer(max_steps=steps, limit_val_batches=0, **trainer_kw)
     trainer.fit(module, PromptDataModule(batch_size=batch_size, epoch_repeats=50))
     return trainer
 
@@ -38,11 +27,11 @@ def logged(trainer: L.Trainer, key: str) -> list[float]:
 
 
 @pytest.mark.slow
-def test_a_short_run_on_a_learnable_reward_raises_the_reward(tmp_path):
+def test_a_short_run_on_a_learnable_reward_raises_the_reward(tiny_trainer, tmp_path):
     torch.manual_seed(0)
     module = RBKLModule(reward=KeywordReward(["good", "great"]), lr=3e-3, beta=0.05, samples_per_prompt=4)
     reference_before = {k: v.clone() for k, v in module.reference.state_dict().items()}
-    trainer = fit(module, tmp_path, steps=40, enable_checkpointing=True)
+    trainer = fit(tiny_trainer, module, steps=40, enable_checkpointing=True)
 
     rewards, kl = logged(trainer, "train/reward/mean"), logged(trainer, "train/kl/rb/mean")
     assert len(rewards) == 40
@@ -60,9 +49,9 @@ def test_a_short_run_on_a_learnable_reward_raises_the_reward(tmp_path):
     assert checkpoint["state_dict"] and all(k.startswith("policy.") for k in checkpoint["state_dict"])
 
 
-def test_mc_gradient_trains_too_and_the_schedule_is_logged(tmp_path):
+def test_mc_gradient_trains_too_and_the_schedule_is_logged(tiny_trainer):
     module = RBKLModule(reward=KeywordReward(["good"]), kl_gradient="mc", lr=1e-3, warmup_steps=2)
-    trainer = fit(module, tmp_path, steps=3, enable_checkpointing=False)
+    trainer = fit(tiny_trainer, module, steps=3, enable_checkpointing=False)
     assert len(logged(trainer, "train/kl/mc/within_prompt_var")) == 3
     assert logged(trainer, "train/lr") == pytest.approx([5e-4, 1e-3, 1e-3])
 
@@ -77,10 +66,10 @@ class NaNReward(Reward):
         return torch.tensor([float("nan") if i == 1 else 0.0 for i in range(len(responses))])
 
 
-def test_a_non_finite_reward_names_the_text(tmp_path):
+def test_a_non_finite_reward_names_the_text(tiny_trainer):
     module = RBKLModule(reward=NaNReward())
     with pytest.raises(ValueError, match=r"non-finite reward nan for prompt '.+' and response"):
-        fit(module, tmp_path, steps=1, enable_checkpointing=False)
+        fit(tiny_trainer, module, steps=1, enable_checkpointing=False)
 
 
 def test_a_prompt_longer_than_the_context_is_refused():
@@ -103,11 +92,11 @@ def test_bad_module_arguments_are_clear_errors(kwargs, match):
         RBKLModule(**kwargs)
 
 
-def test_bfloat16_weights_train_a_step(tmp_path):
+def test_bfloat16_weights_train_a_step(tiny_trainer):
     module = RBKLModule(reward=KeywordReward(["good"]), dtype="bfloat16", lr=1e-2)
     assert next(module.policy.parameters()).dtype == torch.bfloat16
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
-    trainer = fit(module, tmp_path, steps=1, enable_checkpointing=False)
+    trainer = fit(tiny_trainer, module, steps=1, enable_checkpointing=False)
     assert all(torch.isfinite(torch.tensor(logged(trainer, key))).all() for key in ("train/loss", "train/kl/rb/mean"))
     changed = [k for k, v in module.policy.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and next(module.policy.parameters()).dtype == torch.bfloat16, "one bf16 update took place"
@@ -161,14 +150,14 @@ class LogitsRecorder(RBKLModule):
         return logits
 
 
-def test_bf16_mixed_step_logs_the_rb_kl_of_its_own_logits(tmp_path):
+def test_bf16_mixed_step_logs_the_rb_kl_of_its_own_logits(tiny_trainer):
     # Under bf16 autocast the LM heads return bf16 logits; the KL computed from them must be the
     # float32 KL of those very logits, not a bf16 rounding of its large cancelling terms.
     module = LogitsRecorder(reward=KeywordReward(["good"]), samples_per_prompt=4)
     module.recorded = []
     with torch.no_grad():  # a reference away from the policy, so the KL is not 0
         module.reference.transformer.ln_f.bias.add_(3.0)
-    trainer = fit(module, tmp_path, steps=1, enable_checkpointing=False, precision="bf16-mixed")
+    trainer = fit(tiny_trainer, module, steps=1, enable_checkpointing=False, precision="bf16-mixed")
     (policy, tokens, mask), (ref, _, _) = module.recorded[:2]
     assert policy.dtype == torch.bfloat16, "autocast was on: the LM head ran in bf16"
     stats = token_stats(policy.float(), ref.float(), tokens.masked_fill(~mask, 0), kl_grad=False)
@@ -183,9 +172,9 @@ class ModeRecorder(RBKLModule):
         return super().training_step(batch, batch_idx)
 
 
-def test_every_model_is_in_eval_mode_during_training_steps(tmp_path):
+def test_every_model_is_in_eval_mode_during_training_steps(tiny_trainer):
     # The built-in policy is built in train mode; Lightning 2.6 never calls train() during fit.
     module = ModeRecorder(reward=KeywordReward(["good"]))
     module.modes = []
-    fit(module, tmp_path, steps=2, enable_checkpointing=False)
+    fit(tiny_trainer, module, steps=2, enable_checkpointing=False)
     assert len(module.modes) == 2 and not any(any(step) for step in module.modes)

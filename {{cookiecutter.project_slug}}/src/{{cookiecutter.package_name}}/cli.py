@@ -36,6 +36,11 @@ from .runs import (
 
 PACKAGE = __name__.rpartition(".")[0]
 EXIT_SIGTERM, EXIT_SIGINT = 128 + signal.SIGTERM, 128 + signal.SIGINT
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+HELP = (
+    "The model's own options (--model.init_args.NAME, documented where RBKLModule declares them) are "
+    "listed by:  python train.py fit --model.help RBKLModule"
+)
 
 
 class CLI(LightningCLI):
@@ -135,6 +140,12 @@ class CLI(LightningCLI):
         # The first run's config.yaml stays; this resume's is written beside it.
         self.save_config_kwargs["config_filename"] = f"config.resumed-at-step-{step}.yaml"
 
+    def after_fit(self) -> None:
+        run_dir = self.trainer.log_dir  # every rank: a broadcast under DDP
+        if self.trainer.is_global_zero and run_dir:
+            files = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(run_dir).iterdir())
+            print(f"\nRun folder: {run_dir}\n  " + "  ".join(files))
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         # The reward is an object, so the module does not save it; its config goes into the
@@ -145,7 +156,7 @@ class CLI(LightningCLI):
 
 def _subcommand_and_checkpoint(argv: list[str]) -> tuple[str | None, str | None]:
     """The subcommand and the value of --ckpt_path in a command line, as given."""
-    subcommand = next((a for a in argv if a in ("fit", "validate", "test", "predict")), None)
+    subcommand = next((a for a in argv if a in SUBCOMMANDS), None)
     for i, arg in enumerate(argv):
         if arg == "--ckpt_path" and i + 1 < len(argv):
             return subcommand, argv[i + 1]
@@ -209,7 +220,7 @@ def main(args=None) -> CLI:
             RBKLModule,
             PromptDataModule,
             subclass_mode_model=True,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={"parser_mode": "omegaconf", **{stage: {"description": HELP} for stage in SUBCOMMANDS}},
             args=args,
         )
     except SIGTERMException:
