@@ -1,10 +1,12 @@
 """End-to-end training throughput, and the same run with TRL's RLOOTrainer when TRL is installed.
 
     python benchmarks/samples_per_second.py --steps 60
+    python benchmarks/samples_per_second.py --vocab 50257     # the built-in words padded to GPT-2's size
     pip install trl && python benchmarks/samples_per_second.py   # adds the TRL row
 
-Identical settings on both sides: the built-in tiny GPT-2 (saved to a temporary folder and
-loaded with from_pretrained), CPU, 8 prompts x k = 4 samples per step, 12 new tokens, beta 0.05,
+Identical settings on both sides: the built-in tiny GPT-2 (2 layers x 64; with --vocab N its
+word vocabulary padded with filler words to N entries; saved to a temporary folder and loaded
+with from_pretrained), CPU, 8 prompts x k = 4 samples per step, 12 new tokens, beta 0.05,
 lr 3e-4, a keyword reward, pure sampling (temperature 1, top-k 0, top-p 1), metrics logged every
 step. Ours also computes every KL estimator (mc, k2, k3, cv, rb) on every step; TRL computes one.
 Both are timed the same way: the wall time of each optimizer step, from the start of the step to
@@ -23,12 +25,14 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from {{ cookiecutter.package_name }}.data import PromptDataModule
-from {{ cookiecutter.package_name }}.models import load_causal_lm
+from {{ cookiecutter.package_name }}.models import load_causal_lm, tiny_gpt2
 from {{ cookiecutter.package_name }}.module import RBKLModule
 from {{ cookiecutter.package_name }}.rewards import KeywordReward
-from {{ cookiecutter.package_name }}.vocabulary import TRAIN_PROMPTS, builtin_tokenizer
+from {{ cookiecutter.package_name }}.vocabulary import EOS, TRAIN_PROMPTS, UNK, builtin_tokenizer, vocabulary
 
 PROMPTS, K, NEW_TOKENS, BETA, LR, WORDS = 8, 4, 12, 0.05, 3e-4, ["good", "great"]
 
@@ -128,16 +132,37 @@ def trl(model_dir: Path, steps: int, out_dir: Path, warmup: int) -> float:
     return steady_rate(timer.times, warmup)
 
 
+def save_model(folder: Path, vocab: int | None) -> None:
+    """The built-in tiny GPT-2 and its tokenizer; with `vocab`, the word list padded with fillers."""
+    if vocab is None:
+        load_causal_lm("builtin:tiny-gpt2").save_pretrained(folder)
+        builtin_tokenizer().save_pretrained(folder)
+        return
+    words = vocabulary()
+    if vocab < len(words):
+        raise ValueError(f"--vocab must be at least the {len(words)} built-in words")
+    words += [f"filler{i}" for i in range(vocab - len(words))]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token=EOS, unk_token=UNK, pad_token=EOS, padding_side="left"
+    )
+    tokenizer.model_max_length = 64
+    tokenizer.save_pretrained(folder)
+    tiny_gpt2(vocab, tokenizer.eos_token_id, seed=0).save_pretrained(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="first steps of each run left out of the median")
+    parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the built-in words)")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "tiny-gpt2"
-        load_causal_lm("builtin:tiny-gpt2").save_pretrained(model_dir)
-        builtin_tokenizer().save_pretrained(model_dir)
+        save_model(model_dir, args.vocab)
         for gradient in ("rb", "mc"):
             results[f"ours_{gradient}"] = ours(model_dir, args.steps, gradient, Path(tmp) / "logs", args.warmup)
         try:
@@ -148,7 +173,8 @@ def main() -> None:
         print(f"{name:<9} {rate:8.1f} samples/s")
     if "trl_rloo" in results:
         print(f"ours (rb) / TRL RLOO: {results['ours_rb'] / results['trl_rloo']:.2f}x samples per second")
-    summary = {"benchmark": "samples_per_second", "steps": args.steps, "warmup": args.warmup, "samples_per_s": results}
+    summary = {"benchmark": "samples_per_second", "steps": args.steps, "warmup": args.warmup, "vocab": args.vocab}
+    summary["samples_per_s"] = results
     print(json.dumps(summary))
 
 

@@ -74,14 +74,14 @@ def test_plots_and_checkpoints_are_written_once(ddp_run):
     assert checkpoints == ["epoch=3-step=4.ckpt", "last.ckpt"], "one of each, written by rank 0 only"
 
 
-def _generation_worker(rank: int, port: int, synced: bool, out_dir: str) -> None:
+def _generation_worker(rank: int, port: int, synced: bool, sampler: str, out_dir: str) -> None:
     import datetime
 
     import torch
     import torch.distributed as dist
 
     from {{ cookiecutter.package_name }}.models import load_causal_lm
-    from {{ cookiecutter.package_name }}.sampling import sample_responses, sampling_config
+    from {{ cookiecutter.package_name }}.sampling import sample_fast, sample_responses, sampling_config
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
@@ -97,14 +97,11 @@ def _generation_worker(rank: int, port: int, synced: bool, out_dir: str) -> None
 
         model.lm_head.register_forward_hook(force_length)
         torch.manual_seed(rank)
-        samples = sample_responses(
-            model,
-            torch.tensor([[5, 6, 7]]),
-            torch.ones(1, 3, dtype=torch.bool),
-            2,
-            sampling_config(10, 0, 0),
-            synced_gpus=synced,
-        )
+        prompt, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.bool)
+        if sampler == "fast":
+            samples = sample_fast(model, prompt, mask, 2, 10, [0], 0, synced_gpus=synced)
+        else:
+            samples = sample_responses(model, prompt, mask, 2, sampling_config(10, 0, 0), synced_gpus=synced)
         record = {"forwards": len(calls), "lengths": samples.response_mask.sum(1).tolist()}
         (Path(out_dir) / f"gen{rank}.json").write_text(json.dumps(record))
     finally:
@@ -112,13 +109,14 @@ def _generation_worker(rank: int, port: int, synced: bool, out_dir: str) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["fast", "hf"])
 @pytest.mark.parametrize("synced", [True, False])
-def test_synced_generation_keeps_finished_ranks_stepping(tmp_path, synced):
+def test_synced_generation_keeps_finished_ranks_stepping(tmp_path, synced, sampler):
     # Under FSDP every forward gathers weights from all ranks: a rank that stops generating early
     # would leave the others waiting forever. With synced_gpus, both ranks run the same forwards.
     import torch.multiprocessing as mp
 
-    mp.spawn(_generation_worker, args=(free_port(), synced, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_generation_worker, args=(free_port(), synced, sampler, str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"gen{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["lengths"] == [1, 1] and ranks[1]["lengths"] == [10, 10]
     if synced:

@@ -93,3 +93,115 @@ def test_dropout_is_off_and_models_stay_in_eval_mode(hf_checkpoints):
     ids = torch.tensor([[1, 2, 3, 4]])
     module.policy.train()  # even a model forced into train mode samples deterministically
     torch.testing.assert_close(module.policy(ids).logits, module.policy(ids).logits, rtol=0, atol=0)
+
+
+# -- the fast sampler: exact by enumeration -------------------------------------------------------
+
+VOCAB, NEW_TOKENS, DRAWS = 6, 3, 12_000
+EXACT_PROMPTS = [[3, 1, 4], [5]]  # left-padded to [[3, 1, 4], [pad, pad, 5]]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from {{ cookiecutter.package_name }}.models import tiny_gpt2
+
+    model = tiny_gpt2(VOCAB, eos_token_id=0, seed=3, n_positions=16).eval()
+    # An untied, larger LM head: distributions far from uniform (top response 0.37 and 0.61),
+    # with 60-odd responses common enough for the chi-square test.
+    head = 0.25 * torch.randn(VOCAB, model.config.n_embd, generator=torch.Generator().manual_seed(0))
+    model.lm_head.weight = torch.nn.Parameter(head)
+    return model
+
+
+def exact_response_probabilities(model, prompt: list[int]) -> dict[tuple[int, ...], float]:
+    """Every response (ends at EOS = 0 or after NEW_TOKENS tokens) with its probability, by forward passes."""
+    probs = {}
+
+    def extend(prefix: tuple[int, ...], logp: float) -> None:
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + list(prefix)])).logits[0, -1].double()
+        for token, lp in enumerate(torch.log_softmax(logits, -1).tolist()):
+            seq = (*prefix, token)
+            if token == 0 or len(seq) == NEW_TOKENS:
+                probs[seq] = probs.get(seq, 0.0) + float(torch.tensor(logp + lp).exp())
+            else:
+                extend(seq, logp + lp)
+
+    extend((), 0.0)
+    return probs
+
+
+def left_padded(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts])
+    return ids, mask
+
+
+def chi_square_p(samples, prompt_index: int, exact: dict) -> float:
+    from scipy.stats import chisquare
+
+    rows = samples.response[prompt_index * DRAWS : (prompt_index + 1) * DRAWS]
+    masks = samples.response_mask[prompt_index * DRAWS : (prompt_index + 1) * DRAWS]
+    counts: dict[tuple[int, ...], int] = {}
+    for row, m in zip(rows.tolist(), masks.tolist(), strict=True):
+        key = tuple(t for t, keep in zip(row, m, strict=False) if keep)
+        counts[key] = counts.get(key, 0) + 1
+    assert set(counts) <= set(exact), "a response the model cannot produce"
+    # Outcomes expected fewer than 5 times are pooled into one bin, as the test requires.
+    common = [k for k, p in exact.items() if p * DRAWS >= 5]
+    observed = [counts.get(k, 0) for k in common]
+    expected = [exact[k] * DRAWS for k in common]
+    rare = DRAWS * (1 - sum(exact[k] for k in common))
+    if rare > 1e-6:
+        observed.append(DRAWS - sum(observed))
+        expected.append(rare)
+    return chisquare(observed, expected).pvalue
+
+
+def draw(sampler: str, model, seed: int):
+    from {{ cookiecutter.package_name }}.sampling import sample_fast, sample_responses
+
+    ids, mask = left_padded(EXACT_PROMPTS)
+    torch.manual_seed(seed)
+    if sampler == "fast":
+        return sample_fast(model, ids, mask, DRAWS, NEW_TOKENS, [0], 0)
+    return sample_responses(model, ids, mask, DRAWS, sampling_config(NEW_TOKENS, 0, 0))
+
+
+@pytest.mark.parametrize("sampler", ["fast", "hf"])
+def test_every_full_response_comes_with_its_exact_probability(tiny_lm, sampler):
+    samples = draw(sampler, tiny_lm, seed=0)
+    for i, prompt in enumerate(EXACT_PROMPTS):
+        exact = exact_response_probabilities(tiny_lm, prompt)
+        assert sum(exact.values()) == pytest.approx(1.0, abs=1e-6)  # float32 logits
+        assert chi_square_p(samples, i, exact) > 0.001, (sampler, prompt)
+
+
+def test_the_frequency_check_rejects_a_tempered_sampler(tiny_lm, monkeypatch):
+    from {{ cookiecutter.package_name }} import sampling
+
+    exact_draw = sampling.sample_token
+    monkeypatch.setattr(sampling, "sample_token", lambda logits, generator=None: exact_draw(logits / 0.8, generator))
+    samples = draw("fast", tiny_lm, seed=0)
+    assert chi_square_p(samples, 0, exact_response_probabilities(tiny_lm, EXACT_PROMPTS[0])) < 0.001
+
+
+def test_fast_sampler_logits_equal_the_training_forward_on_a_left_padded_batch(module):
+    from {{ cookiecutter.package_name }}.sampling import sample_fast
+
+    ids, mask = module.encode_prompts(PROMPTS)
+    assert not mask[:, 0].all()
+    torch.manual_seed(0)
+    samples, drawn_from = sample_fast(
+        module.policy, ids, mask, 2, 6, module.stop_ids, module.tokenizer.pad_token_id, return_logits=True
+    )
+    logits = module.response_logits(module.policy, samples)
+    m = samples.response_mask
+    torch.testing.assert_close(logits[m], drawn_from[m], rtol=1e-4, atol=1e-4)
+
+
+def test_responses_stop_at_any_stop_id():
+    response = torch.tensor([[5, 9, 4, 4], [4, 2, 9, 1], [1, 2, 3, 4]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(response_mask(response, [9, 4]), expected)

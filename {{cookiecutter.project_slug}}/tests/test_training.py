@@ -92,8 +92,15 @@ def test_bad_module_arguments_are_clear_errors(kwargs, match):
         RBKLModule(**kwargs)
 
 
+class LengthReward(Reward):
+    """Varies from sample to sample, so the first step already has a non-zero gradient."""
+
+    def __call__(self, prompts, responses):
+        return torch.tensor([float(len(r.split())) for r in responses])
+
+
 def test_bfloat16_weights_train_a_step(tiny_trainer):
-    module = RBKLModule(reward=KeywordReward(["good"]), dtype="bfloat16", lr=1e-2)
+    module = RBKLModule(reward=LengthReward(), dtype="bfloat16", lr=1e-2)
     assert next(module.policy.parameters()).dtype == torch.bfloat16
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     trainer = fit(tiny_trainer, module, steps=1, enable_checkpointing=False)

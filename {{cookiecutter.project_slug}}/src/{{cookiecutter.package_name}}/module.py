@@ -30,7 +30,7 @@ from .metrics import STAGES, EstimatorStudy, kl_key, reward_key
 from .models import check_same_vocabulary, disable_dropout, freeze, load_causal_lm, load_tokenizer
 from .objective import LossParts, rloo_kl_loss
 from .rewards import Reward, check_rewards
-from .sampling import Samples, position_ids, sample_responses, sampling_config
+from .sampling import Samples, position_ids, sample_fast, sample_responses, sampling_config
 from .schedules import lr_lambda
 from .token_stats import TokenStats
 
@@ -72,6 +72,7 @@ class RBKLModule(L.LightningModule):
         dtype: Literal["float32", "bfloat16"] = "float32",
         trust_remote_code: bool = False,
         generation_kwargs: dict[str, Any] | None = None,
+        sampler: Literal["fast", "hf"] = "fast",
         kl_chunk_rows: int | None = None,
     ):
         """
@@ -93,6 +94,8 @@ class RBKLModule(L.LightningModule):
             dtype: weights of policy and reference: "float32" or "bfloat16".
             trust_remote_code: allow code shipped with a checkpoint to run (off unless you trust it).
             generation_kwargs: extra generate settings; any that would change the sampled distribution is refused.
+            sampler: "fast" (a KV-cache decode loop with exact inverse-CDF sampling) or "hf" (Hugging
+                Face generate, for architectures whose cache the loop cannot drive).
             kl_chunk_rows: positions per chunk in the fused full-vocabulary KL op (None: automatic).
         """
         super().__init__()
@@ -116,12 +119,18 @@ class RBKLModule(L.LightningModule):
         check_same_vocabulary(self.policy, self.reference, self.tokenizer)
         self.reward = freeze(reward) if isinstance(reward, nn.Module) else reward
         self.train()  # every model in eval mode from the start, not only after Lightning's first switch
+        # A response ends at the tokenizer's EOS or any stop id of the model (instruct models list several).
+        model_stops = self.policy.generation_config.eos_token_id
+        model_stops = [model_stops] if isinstance(model_stops, int) else list(model_stops or [])
+        self.stop_ids = sorted({self.tokenizer.eos_token_id, *model_stops})
         self.generation_config = sampling_config(
             max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             **(generation_kwargs or {}),
         )
+        if sampler == "fast" and getattr(self.policy.config, "is_encoder_decoder", False):
+            raise ValueError("sampler 'fast' drives decoder-only models; use sampler: hf for an encoder-decoder")
         # Keyed "<stage>_study": a ModuleDict key may not shadow a Module attribute such as train.
         self.studies = nn.ModuleDict({f"{stage}_study": EstimatorStudy(stage, LOGGED_ESTIMATORS) for stage in STAGES})
         # Checkpoints hold the policy only: the reference and reward are rebuilt from the config.
@@ -224,7 +233,18 @@ class RBKLModule(L.LightningModule):
         # Sharded weights are gathered layer by layer in every forward: ranks that finish early
         # must keep stepping until all are done, or the others wait forever.
         synced = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
-        return sample_responses(self.policy, ids, mask, k, self.generation_config, synced_gpus=synced)
+        if self.hparams.sampler == "hf":
+            return sample_responses(self.policy, ids, mask, k, self.generation_config, synced_gpus=synced)
+        return sample_fast(
+            self.policy,
+            ids,
+            mask,
+            k,
+            self.hparams.max_new_tokens,
+            self.stop_ids,
+            self.tokenizer.pad_token_id,
+            synced_gpus=synced,
+        )
 
     def decode_responses(self, samples: Samples) -> list[str]:
         # Only the tokens under the mask, without the EOS: text as a reader would see it.

@@ -4,10 +4,20 @@ Every estimator assumes y ~ p, the policy's own distribution. Any logits process
 top-k, top-p, repetition penalty, a minimum length, banned words...) samples from another
 distribution and biases every estimate, so `sampling_config` builds a GenerationConfig with all
 of them neutral and refuses overrides that are not.
+
+Two samplers draw from it. `sample_responses` ("hf") calls Hugging Face `generate`.
+`sample_fast` ("fast", the default) is a plain decode loop over the model's KV cache: prefill
+the left-padded prompts once, then one token per step with the position ids and attention mask
+generate would use, and each token drawn exactly by inverting the cumulative distribution in
+float64 (one uniform per row). `generate` samples with `torch.multinomial`, which draws an
+exponential per vocabulary entry: on a CPU that was 900 of 1100 ms of a step's sampling at a
+50k vocabulary, where the inverse CDF costs about a softmax.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +55,9 @@ NEUTRAL_SETTINGS = {
 ALLOWED_SETTINGS = {"use_cache", "synced_gpus", "cache_implementation"}
 
 
-def sampling_config(max_new_tokens: int, eos_token_id: int, pad_token_id: int, **overrides) -> GenerationConfig:
+def sampling_config(
+    max_new_tokens: int, eos_token_id: int | list[int], pad_token_id: int, **overrides
+) -> GenerationConfig:
     """A GenerationConfig that samples from the policy itself; refuses distribution-changing overrides."""
     for key, value in overrides.items():
         if key in NEUTRAL_SETTINGS:
@@ -73,12 +85,13 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
 
 
-def response_mask(response: Tensor, eos_token_id: int) -> Tensor:
-    """[B, R] bool: True up to and including the first EOS, False after it.
+def response_mask(response: Tensor, eos_token_id: int | Sequence[int]) -> Tensor:
+    """[B, R] bool: True up to and including the first stop token, False after it.
 
-    Built from the first EOS, never from `token == pad`: GPT-2 pads with its EOS token.
+    Built from the first stop token (EOS, or any of an instruct model's stop ids), never from
+    `token == pad`: GPT-2 pads with its EOS token.
     """
-    is_eos = response == eos_token_id
+    is_eos = torch.isin(response, torch.as_tensor(eos_token_id, device=response.device))
     eos_before = is_eos.long().cumsum(-1) - is_eos.long()  # EOS tokens strictly before t
     return eos_before == 0
 
@@ -123,3 +136,73 @@ def sample_responses(
     )
     response = out[:, prompt_ids.shape[1] :]
     return Samples(prompt_ids, prompt_mask.bool(), response, response_mask(response, config.eos_token_id))
+
+
+def sample_token(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """[N, V] logits -> [N] token ids, each drawn exactly from softmax(logits) (inverse CDF, float64)."""
+    cdf = torch.softmax(logits.double(), dim=-1).cumsum_(-1)  # [N, V]
+    u = torch.rand(logits.shape[0], 1, dtype=torch.float64, device=logits.device, generator=generator)
+    # Scaling by the last value keeps the draw exact when rounding left the total at 1 - 1e-16.
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=logits.shape[-1] - 1).squeeze(-1)
+
+
+def _all_ranks_done(done: Tensor, synced: bool) -> bool:
+    if not synced:
+        return bool(done.all())
+    # Sharded weights are gathered in every forward: a rank that stopped early would leave the
+    # others waiting, so every rank steps until all are done.
+    pending = (~done).any().to(torch.int64).reshape(1)
+    torch.distributed.all_reduce(pending)
+    return int(pending) == 0
+
+
+@torch.no_grad()
+def sample_fast(
+    model: PreTrainedModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    pad_token_id: int,
+    synced_gpus: bool = False,
+    return_logits: bool = False,
+) -> Samples | tuple[Samples, Tensor]:
+    """Draw `samples_per_prompt` responses per prompt with a KV-cache decode loop (adjacent per prompt).
+
+    With `return_logits`, also the [N, R, V] logits each token was drawn from.
+    """
+    ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)  # [N, P]
+    mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0).bool()  # [N, P]
+    n = ids.shape[0]
+    attention = mask.long()
+    positions = position_ids(attention)  # [N, P], as generate derives them
+    stops = torch.as_tensor(list(stop_ids), device=ids.device)
+    # transformers renamed past_key_values to cache (5.x); the loop speaks whichever the model takes.
+    cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache, logits = out[cache_key], out.logits[:, -1]  # [N, V]
+    next_position = positions[:, -1:] + 1  # [N, 1]
+    tokens, drawn_from = [], []
+    done = torch.zeros(n, dtype=torch.bool, device=ids.device)
+    for step in range(max_new_tokens):
+        if return_logits:
+            drawn_from.append(logits.float())
+        token = sample_token(logits).masked_fill_(done, pad_token_id)  # [N]
+        tokens.append(token)
+        done |= torch.isin(token, stops)
+        if step == max_new_tokens - 1 or _all_ranks_done(done, synced_gpus):
+            break
+        attention = torch.cat([attention, attention.new_ones(n, 1)], dim=1)  # [N, P + step + 1]
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention,
+            position_ids=next_position,
+            use_cache=True,
+            **{cache_key: cache},
+        )
+        cache, logits = out[cache_key], out.logits[:, -1]
+        next_position = next_position + 1
+    response = torch.stack(tokens, dim=1)  # [N, R]
+    samples = Samples(ids, mask, response, response_mask(response, list(stop_ids)))
+    return (samples, torch.stack(drawn_from, dim=1)) if return_logits else samples
