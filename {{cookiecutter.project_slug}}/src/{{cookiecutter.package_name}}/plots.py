@@ -91,7 +91,7 @@ def reward_vs_kl(history: Sequence[Mapping[str, float]], estimators: Sequence[st
         ax,
         "KL(policy || reference)  [nats]",
         "reward",
-        f"Reward vs KL after each epoch ({_last_sizes(history)})\nlabels: epoch; bars: 1 s.e. over prompts",
+        f"Reward vs KL after each epoch\n({_last_sizes(history)}; labels: epoch; bars: 1 s.e. over prompts)",
     )
 
 
@@ -116,7 +116,7 @@ def estimator_spread(history: Sequence[Mapping[str, float]], estimators: Sequenc
         ax,
         "epoch",
         "sqrt(within-prompt variance)  [nats]",
-        f"Spread of each KL estimator over samples of a prompt ({_last_sizes(history)})\nbars: 1 s.e. over prompts",
+        f"Spread of each KL estimator over the samples of a prompt\n({_last_sizes(history)}; bars: 1 s.e. over prompts)",
     )
 
 
