@@ -116,7 +116,8 @@ def estimator_spread(history: Sequence[Mapping[str, float]], estimators: Sequenc
         ax,
         "epoch",
         "sqrt(within-prompt variance)  [nats]",
-        f"Spread of each KL estimator over the samples of a prompt\n({_last_sizes(history)}; bars: 1 s.e. over prompts)",
+        "Spread of each KL estimator over the samples of a prompt\n"
+        f"({_last_sizes(history)}; bars: 1 s.e. over prompts)",
     )
 
 
