@@ -24,6 +24,7 @@ PROJECT_FILES = [
     "Makefile",
     "README.md",
     "benchmarks/samples_per_second.py",
+    "benchmarks/sampling.py",
     "benchmarks/step.py",
     "configs/default.yaml",
     "configs/distill.yaml",
