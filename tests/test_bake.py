@@ -37,6 +37,7 @@ PROJECT_FILES = [
     "docs/estimators.md",
     "docs/reward_vs_kl.png",
     "pyproject.toml",
+    "sweep.py",
     "train.py",
 ]
 PACKAGE_MODULES = [
@@ -56,6 +57,7 @@ PACKAGE_MODULES = [
     "runs",
     "sampling",
     "schedules",
+    "sweep",
     "token_stats",
     "vocabulary",
 ]
@@ -76,6 +78,7 @@ TEST_MODULES = [
     "test_sampling",
     "test_schedules",
     "test_statistics",
+    "test_sweep",
     "test_token_stats",
     "test_training",
 ]

@@ -2,6 +2,7 @@
 
     compare-runs logs/sweep/version_* --output comparison
     python -m {{ cookiecutter.package_name }}.compare_runs logs/*/version_*/metrics.csv
+    compare-runs logs/beta_sweep                 # a sweep folder (sweep.py): intervals over seeds
 
 Each run is a folder with `metrics.csv` (and the `hparams.yaml` Lightning writes beside it), or the
 CSV itself. A run's point is its last logged validation reward and KL. A run is on the frontier
@@ -19,12 +20,16 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from . import plots
+from .kl_report import interval
 from .metrics import kl_key, reward_key
 
 KL_KEY, REWARD_KEY = kl_key("val", "rb", "mean"), reward_key("val", "mean")
+MANIFEST = "manifest.json"  # written by sweep.py in a sweep folder
+ESTIMATOR_KEY = "model.init_args.kl_gradient"
 
 
 def pareto_frontier(points: Sequence[tuple[float, float]]) -> set[int]:
@@ -109,6 +114,118 @@ def compare(
     return summary
 
 
+def frontier_share(points: Sequence[tuple[float, float]], groups: Sequence[str]) -> dict[str, float]:
+    """Share of the frontier's points per group (every group present, 0 when it has none there)."""
+    frontier = pareto_frontier(points)
+    on_front = Counter(groups[i] for i in frontier)
+    return {g: on_front[g] / len(frontier) for g in sorted(set(groups))}
+
+
+def sweep_summary(
+    sweep_dir: Path,
+    output: Path,
+    kl_key: str = KL_KEY,
+    reward_key: str = REWARD_KEY,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """Per grid point: mean and 95% interval over seeds; frontier shares with bootstrap intervals.
+
+    The share of the frontier per estimator is computed over individual runs (the paper's
+    statistic) and over grid-point means. Its interval resamples the seeds of every grid point
+    with replacement (`resamples` times, fixed seed) and takes the 2.5 and 97.5 percentiles;
+    with fewer than 3 seeds in some grid point there is no interval.
+    """
+    manifest = json.loads((sweep_dir / MANIFEST).read_text())
+    by_point: dict[str, list[dict]] = {}
+    skipped = []
+    for rid, run in manifest["runs"].items():
+        try:
+            loaded = load_run(Path(run["run_dir"]), kl_key, reward_key, "kl_gradient")
+        except (FileNotFoundError, ValueError) as err:
+            skipped.append({"run": rid, "reason": str(err)})
+            continue
+        point = {k: v for k, v in run["point"].items()}
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())
+        estimator = str(point.get(ESTIMATOR_KEY, loaded["kl_gradient"]))
+        by_point.setdefault(label, []).append({**loaded, "seed": run["seed"], "estimator": estimator, "point": point})
+    if not by_point:
+        raise ValueError(f"{sweep_dir}: no run of the sweep has a validation result yet")
+    labels = sorted(by_point)
+    seeds = {label: len(by_point[label]) for label in labels}
+    grid_points = []
+    for label in labels:
+        runs = by_point[label]
+        row = {"label": label, "point": runs[0]["point"], "estimator": runs[0]["estimator"], "seeds": len(runs)}
+        for what in ("kl", "reward"):
+            values = np.array([r[what] for r in runs])
+            mean = float(values.mean())
+            sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+            row[f"{what}_mean"] = mean
+            row[f"{what}_ci95"] = interval(mean, sem, df=len(values) - 1) if len(values) > 1 else None
+        grid_points.append(row)
+
+    def shares(sample: dict[str, list[dict]]) -> tuple[dict[str, float], dict[str, float]]:
+        runs = [r for label in labels for r in sample[label]]
+        over_runs = frontier_share([(r["kl"], r["reward"]) for r in runs], [r["estimator"] for r in runs])
+        means = [(np.mean([r["kl"] for r in sample[lb]]), np.mean([r["reward"] for r in sample[lb]])) for lb in labels]
+        over_means = frontier_share(means, [by_point[lb][0]["estimator"] for lb in labels])
+        return over_runs, over_means
+
+    share_runs, share_means = shares(by_point)
+    result = {"over_runs": {"share": share_runs}, "over_grid_point_means": {"share": share_means}}
+    if min(seeds.values()) < 3:
+        note = f"no interval: fewer than 3 seeds in a grid point ({min(seeds.values())})"
+        for entry in result.values():
+            entry["ci95"] = None
+            entry["note"] = note
+    else:
+        rng = np.random.default_rng(seed)
+        draws: dict[str, dict[str, list[float]]] = {"over_runs": {}, "over_grid_point_means": {}}
+        for _ in range(resamples):
+            sample = {lb: [by_point[lb][i] for i in rng.integers(0, seeds[lb], seeds[lb])] for lb in labels}
+            for name, share in zip(draws, shares(sample), strict=True):
+                for group, value in share.items():
+                    draws[name].setdefault(group, []).append(value)
+        for name, per_group in draws.items():
+            result[name]["ci95"] = {
+                g: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for g, v in per_group.items()
+            }
+            result[name]["resamples"] = resamples
+    summary = {
+        "sweep": str(sweep_dir),
+        "kl_key": kl_key,
+        "reward_key": reward_key,
+        "grid_points": grid_points,
+        "frontier_share": result,
+        "skipped": skipped,
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "pareto.json").write_text(json.dumps(summary, indent=2))
+    plots.sweep_pareto(grid_points).savefig(output / "pareto.png")
+    return summary
+
+
+def print_sweep(summary: dict) -> None:
+    print(f"{len(summary['grid_points'])} grid points ({summary['sweep']}):")
+    print(f"  {'grid point':<40} {'seeds':>5} {'final reward (95% CI)':>28} {'final RB KL (95% CI)':>28}")
+    for row in summary["grid_points"]:
+        cells = []
+        for what in ("reward", "kl"):
+            ci = row[f"{what}_ci95"]
+            cells.append(f"{row[f'{what}_mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else " (1 seed)"))
+        print(f"  {row['label']:<40} {row['seeds']:>5} {cells[0]:>28} {cells[1]:>28}")
+    for name, entry in summary["frontier_share"].items():
+        print(f"share of the Pareto frontier, {name.replace('_', ' ')}:")
+        for group, share in entry["share"].items():
+            ci = (entry.get("ci95") or {}).get(group)
+            print(f"  {group:<10} {share:6.1%}" + (f"  95% CI [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else ""))
+        if entry.get("note"):
+            print(f"  ({entry['note']})")
+    for skip in summary["skipped"]:
+        print(f"skipped {skip['run']}: {skip['reason']}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (with metrics.csv) or metrics.csv files")
@@ -120,6 +237,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--strict", action="store_true", help="stop at a run that cannot be read instead of skipping it"
     )
     args = parser.parse_args(argv)
+    if len(args.runs) == 1 and (args.runs[0] / MANIFEST).is_file():
+        try:
+            summary = sweep_summary(args.runs[0], args.output, args.kl_key, args.reward_key)
+        except (FileNotFoundError, ValueError) as err:
+            parser.exit(2, f"error: {err}\n")
+        print_sweep(summary)
+        print(f"wrote {args.output / 'pareto.png'} and {args.output / 'pareto.json'}")
+        return
     try:
         summary = compare(args.runs, args.output, args.kl_key, args.reward_key, args.group_key, strict=args.strict)
     except (FileNotFoundError, ValueError) as err:

@@ -199,3 +199,32 @@ def pareto(points: Sequence[Mapping], frontier: set[int], group_key: str = "kl_g
         "final reward",
         "Runs on the reward-KL plane (ringed: on the frontier)",
     )
+
+
+def sweep_pareto(grid_points: Sequence[Mapping]) -> Figure:
+    """Grid-point means of a sweep with 95% intervals over seeds in both directions, labelled."""
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    ax = fig.add_subplot()
+    for group in sorted({str(p["estimator"]) for p in grid_points}):
+        mine = [p for p in grid_points if str(p["estimator"]) == group]
+        ax.errorbar(
+            [p["kl_mean"] for p in mine],
+            [p["reward_mean"] for p in mine],
+            xerr=[_half_widths(p["kl_mean"], p["kl_ci95"]) for p in mine] if all(p["kl_ci95"] for p in mine) else None,
+            yerr=[_half_widths(p["reward_mean"], p["reward_ci95"]) for p in mine]
+            if all(p["reward_ci95"] for p in mine)
+            else None,
+            fmt="o",
+            capsize=3,
+            color=COLORS.get(group),
+            label=f"kl_gradient={group}",
+        )
+    for p in grid_points:
+        ax.annotate(p["label"], (p["kl_mean"], p["reward_mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    return _finish(
+        fig, ax, "final KL(policy || reference)", "final reward", "Sweep: grid-point means, 95% CI over seeds"
+    )
+
+
+def _half_widths(mean: float, ci: Sequence[float]) -> float:
+    return (ci[1] - ci[0]) / 2

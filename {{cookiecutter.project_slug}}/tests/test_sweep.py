@@ -1,0 +1,121 @@
+"""sweep.py through the command line, and the interval-bearing comparison of a sweep folder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from {{ cookiecutter.package_name }}.compare_runs import MANIFEST, frontier_share, sweep_summary
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def sweep(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(PROJECT / "sweep.py"), "--config", str(PROJECT / "configs/default.yaml"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_every_point_and_seed_survives_a_failed_run_and_resumes(tmp_path):
+    # beta=-1 is refused by the module: those runs fail, the others go on.
+    args = ["--grid", "model.init_args.beta=0.05,-1", "--grid", "model.init_args.kl_gradient=rb,mc"]
+    args += ["--seeds", "3", "--name", "tiny", "--parallel", "2", "--trainer.max_epochs=1"]
+    args += ["--trainer.limit_val_batches=1", "--data.epoch_repeats=1"]
+    first = sweep(tmp_path, *args)
+    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
+    sweep_dir = tmp_path / "logs" / "tiny"
+    manifest = json.loads((sweep_dir / MANIFEST).read_text())
+    statuses = {rid: run["status"] for rid, run in manifest["runs"].items()}
+    assert len(statuses) == 12
+    assert all((s == "failed") == ("beta=-1" in rid) for rid, s in statuses.items()), statuses
+    assert (sweep_dir / "beta=0.05,kl_gradient=rb,seed=2" / "version_0" / "metrics.csv").is_file()
+    assert "6 run(s) did not finish" in first.stdout
+    assert "beta=0.05, kl_gradient=rb" in first.stdout and "95% CI [" in first.stdout
+    summary = json.loads((sweep_dir / "comparison" / "pareto.json").read_text())
+    assert len(summary["grid_points"]) == 2 and len(summary["skipped"]) == 6
+
+    again = sweep(tmp_path, *args)
+    assert "12 runs in" in again.stdout and "6 to run, 6 done" in again.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--grid", "model.init_args.betaa=0.1,0.2"],
+            "not an option of `train.py fit`; near names: model.init_args.beta",
+        ),
+        (["--grid", "model.init_args.beta=0.1,"], "no empty value"),
+        (["--grid", "model.init_args.beta=0.1", "--seeds", "0"], "--seeds and --parallel must be >= 1"),
+        (["--grid", "model.init_args.beta=0.1", "stray"], "pass to every run as --key=value"),
+    ],
+)
+def test_bad_sweeps_are_refused_in_one_sentence(tmp_path, args, message):
+    result = sweep(tmp_path, "--name", "bad", *args)
+    assert result.returncode == 2
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert not list((tmp_path / "logs").glob("bad/*/version_0")), "no run started"
+
+
+def test_a_sweep_folder_of_another_config_is_refused(tmp_path):
+    folder = tmp_path / "logs" / "other"
+    folder.mkdir(parents=True)
+    (folder / MANIFEST).write_text(json.dumps({"fingerprint": "not-this-one", "runs": {}}))
+    result = sweep(tmp_path, "--name", "other", "--grid", "model.init_args.beta=0.1")
+    assert result.returncode == 2 and "holds a sweep of another config" in result.stderr
+
+
+def write_sweep(folder: Path, seeds: int) -> Path:
+    """A sweep folder by hand: two betas x two estimators, final (KL, reward) per seed."""
+    runs = {}
+    for beta, kl_base in (("0.05", 2.0), ("0.2", 1.0)):
+        for gradient, bonus in (("rb", 0.1), ("mc", 0.0)):
+            for seed in range(seeds):
+                rid = f"beta={beta},kl_gradient={gradient},seed={seed}"
+                run_dir = folder / rid / "version_0"
+                run_dir.mkdir(parents=True)
+                kl, reward = kl_base + 0.05 * seed, kl_base / 2 + bonus + 0.02 * seed
+                (run_dir / "metrics.csv").write_text(f"epoch,step,val/kl/rb/mean,val/reward/mean\n0,9,{kl},{reward}\n")
+                point = {"model.init_args.beta": beta, "model.init_args.kl_gradient": gradient}
+                runs[rid] = {"point": point, "seed": seed, "status": "finished", "run_dir": str(run_dir)}
+    (folder / MANIFEST).write_text(json.dumps({"fingerprint": "x", "runs": runs}))
+    return folder
+
+
+def test_sweep_summary_means_intervals_and_bootstrap_shares(tmp_path):
+    summary = sweep_summary(write_sweep(tmp_path / "s", seeds=3), tmp_path / "out")
+    rows = {r["label"]: r for r in summary["grid_points"]}
+    row = rows["beta=0.05, kl_gradient=rb"]
+    assert row["seeds"] == 3 and row["kl_mean"] == pytest.approx(2.05)
+    lo, hi = row["kl_ci95"]
+    # seeds give KL 2.00, 2.05, 2.10: sd 0.05, sem 0.05 / sqrt(3), t(0.975, 2) = 4.303
+    assert lo < 2.05 < hi and (hi - lo) / 2 == pytest.approx(4.303 * 0.05 / 3**0.5, rel=1e-3)
+    # rb's grid points dominate mc's at the same beta (same KL, higher reward): rb holds the frontier.
+    assert summary["frontier_share"]["over_grid_point_means"]["share"] == {"mc": 0.0, "rb": 1.0}
+    runs_share = summary["frontier_share"]["over_runs"]
+    points = [(float(r["kl"]), float(r["reward"])) for r in _runs(tmp_path / "s")]
+    assert runs_share["share"] == frontier_share(points, [r["estimator"] for r in _runs(tmp_path / "s")])
+    for name in ("over_runs", "over_grid_point_means"):
+        ci = summary["frontier_share"][name]["ci95"]["rb"]
+        assert 0.0 <= ci[0] <= summary["frontier_share"][name]["share"]["rb"] <= ci[1] <= 1.0
+    again = sweep_summary(tmp_path / "s", tmp_path / "out2")
+    assert again["frontier_share"] == summary["frontier_share"], "a fixed bootstrap seed"
+
+
+def test_fewer_than_three_seeds_give_no_interval_and_say_so(tmp_path):
+    summary = sweep_summary(write_sweep(tmp_path / "s", seeds=2), tmp_path / "out")
+    entry = summary["frontier_share"]["over_runs"]
+    assert entry["ci95"] is None and "fewer than 3 seeds" in entry["note"]
+
+
+def _runs(folder: Path) -> list[dict]:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    out = []
+    for run in manifest["runs"].values():
+        kl, reward = (Path(run["run_dir"]) / "metrics.csv").read_text().splitlines()[1].split(",")[2:]
+        out.append({"kl": kl, "reward": reward, "estimator": run["point"]["model.init_args.kl_gradient"]})
+    return out
