@@ -119,3 +119,48 @@ def _runs(folder: Path) -> list[dict]:
         kl, reward = (Path(run["run_dir"]) / "metrics.csv").read_text().splitlines()[1].split(",")[2:]
         out.append({"kl": kl, "reward": reward, "estimator": run["point"]["model.init_args.kl_gradient"]})
     return out
+
+
+def test_slurm_submits_one_job_array_with_the_trainers_devices_per_node(tmp_path):
+    pytest.importorskip("submitit")
+    # Stand-ins: sbatch keeps the script it is given and answers as SLURM does; srun must exist.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    env_path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    args = ["--grid", "model.init_args.beta=0.05,0.2", "--grid", "model.init_args.kl_gradient=rb,mc", "--seeds", "3"]
+    args += ["--name", "cluster", "--launcher", "slurm", "--partition", "gpu", "--time", "30", "--gpus-per-node", "2"]
+    args += ["--parallel", "4", "--trainer.devices=2"]
+    env = {**os.environ, "PATH": env_path, "PYTHONPATH": str(PROJECT / "src")}
+    cmd = [sys.executable, str(PROJECT / "sweep.py"), "--config", str(PROJECT / "configs/default.yaml"), *args]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    script = (tmp_path / "submitted.sh").read_text()
+    for line in (
+        "#SBATCH --array=0-11%4",
+        "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --gpus-per-node=2",
+        "#SBATCH --time=30",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --nodes=1",
+    ):
+        assert line in script, line
+    manifest = json.loads((tmp_path / "logs" / "cluster" / MANIFEST).read_text())
+    assert {run["status"] for run in manifest["runs"].values()} == {"submitted"}
+
+
+@pytest.mark.slow
+def test_the_slurm_path_runs_through_submitits_local_executor(tmp_path):
+    pytest.importorskip("submitit")
+    args = ["--grid", "model.init_args.kl_gradient=rb,mc", "--seeds", "1", "--name", "local_array"]
+    args += ["--launcher", "slurm", "--cluster", "local", "--trainer.max_steps=2", "--trainer.limit_val_batches=1"]
+    args += ["--trainer.val_check_interval=2"]
+    result = sweep(tmp_path, *args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "logs" / "local_array" / MANIFEST).read_text())
+    assert {run["status"] for run in manifest["runs"].values()} == {"finished"}
+    assert "share of the Pareto frontier, over runs" in result.stdout
+    assert "no interval: fewer than 3 seeds" in result.stdout

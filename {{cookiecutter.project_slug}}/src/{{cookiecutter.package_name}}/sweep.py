@@ -11,6 +11,12 @@ Running the same command again skips finished runs and resumes the others from t
 `last.ckpt`. The sweep ends with `compare-runs` over its folder: per grid point the mean and
 95% interval over seeds, and the share of the reward-KL Pareto frontier per estimator with a
 bootstrap interval over seeds.
+
+`--launcher slurm` submits the runs as one job array through submitit (`pip install -e
+".[slurm]"`), one array task per run with `--tasks-per-node` equal to the trainer's devices,
+as Lightning requires. submitit owns requeueing: before the time limit it forwards SIGTERM to
+the run, which saves `last.ckpt` and exits (cli.py), and resubmits the same run, which resumes
+from it. Lightning's own SLURM requeue is switched off for these runs so that only one acts.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import difflib
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -31,6 +38,10 @@ from rich.progress import Progress
 from . import compare_runs
 
 MANIFEST = compare_runs.MANIFEST
+NO_LIGHTNING_REQUEUE = {
+    "class_path": "lightning.pytorch.plugins.environments.SLURMEnvironment",
+    "init_args": {"auto_requeue": False},
+}
 
 
 def parse_grid(specs: list[str]) -> dict[str, list[str]]:
@@ -118,14 +129,67 @@ def command(train: Path, config: Path, point: dict, seed: int, passthrough: list
     return cmd + (["--ckpt_path", str(last)] if last.is_file() else [])
 
 
+class SweepRun:
+    """One run as a submitit job: `train.py fit` in a subprocess; requeued from last.ckpt on timeout."""
+
+    def __init__(self, train: Path, config: Path, point: dict, seed: int, passthrough: list[str], sweep_dir: Path):
+        self.args = (train, config, point, seed, passthrough, sweep_dir)
+        self.process: subprocess.Popen | None = None
+
+    def __call__(self) -> int:
+        # Built when the job starts, so a requeued job finds the last.ckpt of its first attempt.
+        cmd = command(*self.args)
+        if os.environ.get("SLURM_JOB_ID"):  # on the cluster: submitit requeues, not Lightning
+            cmd += [f"--trainer.plugins={json.dumps(NO_LIGHTNING_REQUEUE)}"]
+        log = self.args[-1] / f"{run_id(self.args[2], self.args[3])}.log"
+        with open(log, "a") as out:
+            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+            return self.process.wait()
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # the run saves last.ckpt and exits 143
+            self.process.wait()
+        self.process = None
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def submit_slurm(runs: list[SweepRun], sweep_dir: Path, args: argparse.Namespace, devices: int) -> list:
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=sweep_dir / "slurm", cluster=args.cluster)
+    executor.update_parameters(
+        name=args.name,
+        timeout_min=args.time,
+        nodes=args.nodes,
+        tasks_per_node=devices,
+        gpus_per_node=args.gpus_per_node,
+        slurm_partition=args.partition,
+        slurm_array_parallelism=args.parallel,
+    )
+    with executor.batch():
+        jobs = [executor.submit(run) for run in runs]
+    return jobs
+
+
 def main(argv: list[str] | None = None, train: Path = Path("train.py")) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True, help="the task config every run starts from")
     parser.add_argument("--grid", action="append", default=[], help="KEY=V1,V2,...; repeat for more keys")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per grid point")
     parser.add_argument("--name", required=True, help="the sweep's folder under the logger's save_dir")
-    parser.add_argument("--launcher", choices=["local"], default="local", help="where runs execute")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (local launcher)")
+    parser.add_argument("--launcher", choices=["local", "slurm"], default="local", help="where runs execute")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (local), array tasks at a time (slurm)")
+    slurm = parser.add_argument_group("slurm launcher (submitit)")
+    slurm.add_argument("--partition", default=None, help="SLURM partition")
+    slurm.add_argument("--time", type=int, default=60, help="time limit per run, minutes")
+    slurm.add_argument("--nodes", type=int, default=1, help="nodes per run (set --trainer.num_nodes alike)")
+    slurm.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node")
+    slurm.add_argument(
+        "--cluster", choices=["slurm", "local", "debug"], default="slurm", help="submitit executor (local: no cluster)"
+    )
     args, passthrough = parser.parse_known_args(argv)
     bad = [a for a in passthrough if not (a.startswith("--") and "=" in a)]
     try:
@@ -143,6 +207,9 @@ def main(argv: list[str] | None = None, train: Path = Path("train.py")) -> int:
         sweep_dir = (save_dir / args.name).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         manifest = load_manifest(sweep_dir, fingerprint(config, passthrough, grid))
+        devices = str(base["trainer"].get("devices"))
+        if args.launcher == "slurm" and not devices.isdigit():
+            raise ValueError(f"SLURM needs the devices per node as a number: set --trainer.devices=N (got {devices})")
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
 
@@ -153,14 +220,29 @@ def main(argv: list[str] | None = None, train: Path = Path("train.py")) -> int:
         entry = manifest["runs"].setdefault(rid, {"point": point, "seed": seed, "status": "pending"})
         entry["run_dir"] = str(sweep_dir / rid / "version_0")
         if entry["status"] != "finished":
-            todo.append((rid, command(train, config, point, seed, passthrough, sweep_dir)))
+            todo.append((rid, point, seed))
     save_manifest(sweep_dir, manifest)
     print(f"{len(manifest['runs'])} runs in {sweep_dir}: {len(todo)} to run, {len(manifest['runs']) - len(todo)} done")
+    if args.launcher == "slurm":
+        runs = [SweepRun(train, config, point, seed, passthrough, sweep_dir) for _, point, seed in todo]
+        jobs = submit_slurm(runs, sweep_dir, args, int(devices))
+        for (rid, _, _), job in zip(todo, jobs, strict=True):
+            manifest["runs"][rid].update(status="submitted", job_id=str(job.job_id))
+        save_manifest(sweep_dir, manifest)
+        print(f"submitted {len(jobs)} runs as a job array; `compare-runs {sweep_dir}` once they are done")
+        if args.cluster == "slurm":
+            return 0
+        codes = [job.result() for job in jobs]  # local or debug executor: wait, as the local launcher does
+        for (rid, _, _), code in zip(todo, codes, strict=True):
+            manifest["runs"][rid].update(status="finished" if code == 0 else "failed", returncode=code)
+        save_manifest(sweep_dir, manifest)
+        todo = []
 
     with Progress() as progress, ThreadPoolExecutor(max_workers=args.parallel) as pool:
         task = progress.add_task("runs", total=len(todo))
         futures = {}
-        for rid, cmd in todo:
+        for rid, point, seed in todo:
+            cmd = command(train, config, point, seed, passthrough, sweep_dir)
             log = open(sweep_dir / f"{rid}.log", "a")  # closed when its run ends, below
             futures[pool.submit(subprocess.run, cmd, stdout=log, stderr=subprocess.STDOUT)] = (rid, log)
         for future in as_completed(futures):
