@@ -23,6 +23,7 @@ PROJECT_FILES = [
     ".gitignore",
     "Makefile",
     "README.md",
+    "benchmarks/gpu_checks.sh",
     "benchmarks/samples_per_second.py",
     "benchmarks/sampling.py",
     "benchmarks/step.py",

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU checks in one go, most important first, each with its own time limit so that one slow
+# part cannot starve the rest. Run from the project root on a machine with a CUDA GPU:
+#   bash benchmarks/gpu_checks.sh [OUT_DIR]
+# Every result lands in OUT_DIR (default gpu_results/): one log per part and the benchmarks' JSON.
+set -u
+out=${1:-gpu_results}
+mkdir -p "$out"
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1
+
+part() {  # part NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  echo "   exit $? ($(tail -n 1 "$out/$name.log" | cut -c1-150))"
+}
+
+short=(--trainer.max_steps=4 --trainer.limit_val_batches=1 --trainer.enable_progress_bar=false)
+# (i) the DDP and FSDP configs on one GPU, a few steps each
+part ddp 180 python train.py fit --config configs/default.yaml --config configs/trainer/ddp.yaml \
+  --trainer.accelerator=gpu --trainer.devices=1 "${short[@]}" --trainer.logger.init_args.name=gpu_ddp
+part fsdp 180 python train.py fit --config configs/default.yaml --config configs/trainer/fsdp.yaml \
+  --trainer.devices=1 "${short[@]}" --trainer.logger.init_args.name=gpu_fsdp
+# (ii) RB vs MC step time and peak memory, float32 and bf16, shapes a and b, both APIs
+part step_fp32 240 python benchmarks/step.py --shapes a,b --pairs 9 --dtype float32
+part step_bf16 240 python benchmarks/step.py --shapes a,b --pairs 9 --dtype bfloat16
+# (iii) sampling: fast vs generate on the GPU
+part sampling 120 python benchmarks/sampling.py --pairs 5
+# (iv) the offline default end to end on the GPU
+part default 180 python train.py fit --config configs/default.yaml --trainer.accelerator=gpu \
+  --trainer.enable_progress_bar=false --trainer.logger.init_args.name=gpu_default
+cp -r logs "$out/logs" 2>/dev/null || true
