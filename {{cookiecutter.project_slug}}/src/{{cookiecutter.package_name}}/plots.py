@@ -219,8 +219,10 @@ def sweep_pareto(grid_points: Sequence[Mapping]) -> Figure:
             color=COLORS.get(group),
             label=f"kl_gradient={group}",
         )
-    for p in grid_points:
-        ax.annotate(p["label"], (p["kl_mean"], p["reward_mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    # Nearby grid points are common (that is what a sweep asks about): stagger their labels.
+    for i, p in enumerate(sorted(grid_points, key=lambda p: (p["kl_mean"], p["reward_mean"]))):
+        offset = (5, 4 - 10 * (i % 3))
+        ax.annotate(p["label"], (p["kl_mean"], p["reward_mean"]), textcoords="offset points", xytext=offset, fontsize=7)
     return _finish(
         fig, ax, "final KL(policy || reference)", "final reward", "Sweep: grid-point means, 95% CI over seeds"
     )
