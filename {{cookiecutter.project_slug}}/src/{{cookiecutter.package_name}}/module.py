@@ -43,6 +43,7 @@ class Rollout:
     samples: Samples  # n * group_size responses, the group_size samples of a prompt adjacent
     rewards: Tensor  # [n * group_size]
     group_size: int
+    responses: list[str] | None = None  # the decoded texts the rewards were computed on
 
 
 @dataclass
@@ -275,7 +276,8 @@ class RBKLModule(L.LightningModule):
         """Sample k responses per prompt and score them: once per batch, whatever the updates."""
         samples = self.sample(prompts, k)
         repeated = [p for p in prompts for _ in range(k)]
-        return Rollout(list(prompts), samples, self.score(repeated, self.decode_responses(samples)), k)
+        responses = self.decode_responses(samples)
+        return Rollout(list(prompts), samples, self.score(repeated, responses), k, responses)
 
     def token_stats(self, samples: Samples, kl_grad: bool) -> TokenStats:
         policy_logits = self.response_logits(self.policy, samples)
@@ -351,7 +353,7 @@ class RBKLModule(L.LightningModule):
         # Callbacks (the sample table) see the texts and this rank's per-sample values.
         return {
             "prompts": rollout.prompts,
-            "responses": self.decode_responses(rollout.samples),
+            "responses": rollout.responses,
             "rewards": rollout.rewards,
             **{f"kl/{n}": v for n, v in values.items()},
         }
