@@ -103,9 +103,13 @@ class CLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning's version lets the checkpoint override explicit values: parse_arguments does it right."""
 
-    def _last_checkpoint(self, subcommand: str) -> Path:
+    def _logger_args(self, subcommand: str):
+        """The logger's init_args in the parsed config (empty when the logger is off or not configurable)."""
         logger = self.config[subcommand]["trainer"].get("logger")
-        init = (logger.get("init_args") if hasattr(logger, "get") else None) or {}
+        return (logger.get("init_args") if hasattr(logger, "get") else None) or {}
+
+    def _last_checkpoint(self, subcommand: str) -> Path:
+        init = self._logger_args(subcommand)
         save_dir, name = init.get("save_dir", "logs"), init.get("name", "default")
         found = find_last_checkpoint(save_dir, name)
         if found is None:
@@ -126,13 +130,13 @@ class CLI(LightningCLI):
             return
         path, saved = self.resumed_from
         version = run_version(path)
-        logger = self.config.fit.trainer.get("logger")
-        if version is None or not logger or not hasattr(logger, "init_args"):
+        init = self._logger_args("fit")
+        if version is None or not init:
             return
         # Continue the run the checkpoint belongs to: one folder, one metrics.csv, one curve.
-        logger.init_args.version = version
+        init.version = version
         step = saved["global_step"]
-        run_dir = Path(logger.init_args.save_dir, logger.init_args.name or "", f"version_{version}")
+        run_dir = Path(init.save_dir, init.name or "", f"version_{version}")
         if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
             dropped = drop_rows_after(run_dir / "metrics.csv", step)
             if dropped:
@@ -198,7 +202,8 @@ class _DropTips(logging.Filter):
 
 def _quiet() -> None:
     for handler in logging.getLogger("lightning.pytorch").handlers:
-        handler.addFilter(_DropTips())
+        if not any(isinstance(f, _DropTips) for f in handler.filters):  # main() may run many times (tests)
+            handler.addFilter(_DropTips())
     # The models stay in eval mode on purpose (dropout off, docs/estimators.md §6), and the
     # LeafSpec notice is Lightning's own deprecation, which a user cannot act on.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)

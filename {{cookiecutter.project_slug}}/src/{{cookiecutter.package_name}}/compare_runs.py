@@ -145,7 +145,7 @@ def sweep_summary(
         except (FileNotFoundError, ValueError) as err:
             skipped.append({"run": rid, "reason": str(err)})
             continue
-        point = {k: v for k, v in run["point"].items()}
+        point = dict(run["point"])
         label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())
         estimator = str(point.get(ESTIMATOR_KEY, loaded["kl_gradient"]))
         by_point.setdefault(label, []).append({**loaded, "seed": run["seed"], "estimator": estimator, "point": point})

@@ -93,8 +93,12 @@ def run_version(checkpoint: Path) -> int | None:
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The parts of a checkpoint that the CLI needs: step and hyperparameters (tensors stay on CPU)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    """The parts of a checkpoint that the CLI needs: step and hyperparameters.
+
+    Memory-mapped: the weights and optimizer state are not read, only the small entries used here
+    (Lightning loads the checkpoint for real afterwards).
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     return {
         "global_step": int(checkpoint.get("global_step", 0)),
         "hparams": dict(checkpoint.get("hyper_parameters", {})),

@@ -134,8 +134,9 @@ class _TokenStatsFunction(torch.autograd.Function):
             g_kl = None
         if g_logp is None and g_kl is None:
             return None, None, None, None, None, None
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
-            return _TokenStatsFunction._backward(ctx, *ctx.saved_tensors, g_logp, g_kl), *(None,) * 5
+        saved = ctx.saved_tensors  # unpacked once: each access re-checks every saved tensor
+        with torch.autocast(saved[0].device.type, enabled=False):
+            return _TokenStatsFunction._backward(ctx, *saved, g_logp, g_kl), *(None,) * 5
 
     @staticmethod
     def _backward(ctx, x, y, tokens, kl, lse_p, lse_q, g_logp, g_kl):
