@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import train
@@ -61,6 +62,15 @@ def test_a_config_before_the_subcommand_is_not_accepted():
         ("--model.init_args.beta=-0.1", "error: beta must be >= 0, got -0.1"),
         ("--model.init_args.kl_gradient=foo", "error: model.init_args.kl_gradient: Expected a typing.Literal"),
         ("--data.batch_size=abc", "error: data.batch_size: Expected a <class 'int'>. Got value: abc"),
+        ("--model.init_args.ppo_epochs=0", "error: ppo_epochs must be >= 1, got 0"),
+        ("--model.init_args.clip_range=0", "error: clip_range must be > 0"),
+        ("--model.init_args.minibatches=3", "error: minibatches=3 does not divide a batch of 8 prompts"),
+        ("--trainer.gradient_clip_val=1.0", "error: trainer.gradient_clip_val is not used by this module"),
+        ("--trainer.accumulate_grad_batches=2", "error: trainer.accumulate_grad_batches is not used by this module"),
+        (
+            '--model.init_args.lora={"target_modules": ["q_proj"]}',
+            "error: lora target_modules ['q_proj'] match no layer",
+        ),
     ],
 )
 def test_a_bad_option_ends_in_one_sentence_that_names_it(tmp_path, arg, sentence):
@@ -107,6 +117,62 @@ def test_imdb_config_trains_through_from_pretrained(tmp_path, hf_checkpoints, pr
     rewards = [float(r["train/reward/mean"]) for r in rows if r.get("train/reward/mean")]
     assert len(rewards) == 2 and all(r == r for r in rewards)  # classifier logits, not NaN
     assert any(r.get("val/kl/rb/mean") for r in rows)
+
+
+@pytest.mark.slow
+def test_paper_config_trains_with_local_stand_ins(tmp_path, hf_checkpoints, prompt_files):
+    # The paper's recipe (4 PPO epochs, clipping, RB KL in the reward) with every hub name local.
+    result = run_cli(
+        "fit",
+        "--config",
+        str(PROJECT / "configs/paper.yaml"),
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=8",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.val_check_interval=2",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+        "--model.init_args.policy",
+        str(hf_checkpoints["gpt2"]),
+        "--model.init_args.reference",
+        str(hf_checkpoints["gpt2"]),
+        "--model.init_args.reward.init_args.name_or_path",
+        str(hf_checkpoints["classifier"]),
+        "--model.init_args.max_new_tokens=8",
+        "--model.init_args.val_samples_per_prompt=2",
+        "--model.init_args.lr=1e-3",
+        "--data.source=file",
+        "--data.train_path",
+        str(prompt_files["train"]),
+        "--data.val_path",
+        str(prompt_files["val"]),
+        "--data.batch_size=2",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = list(csv.DictReader(next((tmp_path / "logs").rglob("metrics.csv")).open()))
+    steps = [int(r["step"]) for r in rows if r.get("train/reward/mean")]
+    assert steps == [0, 4], "one row per batch, at its first of 4 optimizer steps"
+    fractions = [float(r["train/clip_fraction"]) for r in rows if r.get("train/clip_fraction")]
+    assert len(fractions) == 2 and all(0 <= f <= 1 for f in fractions)
+    assert any(r.get("val/kl/rb/mean") for r in rows)
+
+
+def test_lora_config_trains_offline(tmp_path):
+    result = run_cli(
+        "fit",
+        "--config",
+        str(PROJECT / "configs/lora.yaml"),
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    checkpoint = next((tmp_path / "logs").rglob("last.ckpt"))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    assert state and all("lora_" in key for key in state)
 
 
 def write_prompts(folder: Path, count: int) -> Path:

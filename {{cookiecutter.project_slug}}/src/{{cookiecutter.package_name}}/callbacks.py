@@ -232,7 +232,8 @@ class KLReport(L.Callback):
         report = build_report(
             metrics,
             LOGGED_ESTIMATORS,
-            policy=h.policy,
+            # With LoRA and no reference named, the reference is the policy's base (adapter off).
+            policy=h.policy + (" + LoRA adapter" if h.get("lora") else ""),
             reference=h.reference or h.policy,
             max_new_tokens=h.max_new_tokens,
         )

@@ -144,6 +144,12 @@ class CLI(LightningCLI):
         # The first run's config.yaml stays; this resume's is written beside it.
         self.save_config_kwargs["config_filename"] = f"config.resumed-at-step-{step}.yaml"
 
+    def before_fit(self) -> None:
+        # Before Lightning's own check, whose advice (switch to automatic optimization) does not apply.
+        check = getattr(self.model, "check_trainer", None)
+        if check is not None:
+            check(self.trainer)
+
     def after_fit(self) -> None:
         run_dir = self.trainer.log_dir  # every rank: a broadcast under DDP
         if self.trainer.is_global_zero and run_dir:
@@ -171,8 +177,9 @@ def _subcommand_and_checkpoint(argv: list[str]) -> tuple[str | None, str | None]
 
 def _innermost(error: BaseException) -> BaseException:
     """The exception at the bottom of a chain: the sentence our code raised, not a wrapper's."""
-    while (error.__cause__ or error.__context__) is not None:
-        error = error.__cause__ or error.__context__
+    # `raise ... from None` hides the context on purpose: the sentence is the one raised then.
+    while (inner := error.__cause__ or (None if error.__suppress_context__ else error.__context__)) is not None:
+        error = inner
     return error
 
 

@@ -7,6 +7,9 @@ so the offline default trains with no download at all.
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
@@ -101,3 +104,56 @@ def freeze(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     disable_dropout(model)
     return model.eval()
+
+
+LORA_SETTINGS = ("r", "alpha", "target_modules", "dropout")
+
+
+def apply_lora(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
+    """Wrap `model` in a peft LoRA adapter: only the adapter trains; the adapter off is the base model.
+
+    settings: r (rank, default 8), alpha (scale numerator, default 2 r), target_modules (names
+    of the layers to adapt; default: peft's choice for the architecture), dropout (must be 0).
+    """
+    unknown = sorted(set(settings) - set(LORA_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown lora setting(s) {', '.join(unknown)}; valid ones are {', '.join(LORA_SETTINGS)}")
+    if settings.get("dropout", 0.0) != 0:
+        # Dropout would make the training forward disagree with the sampling one (docs/estimators.md §6.2).
+        raise ValueError(
+            f"lora dropout must be 0: the KL estimators need the sampling distribution, got {settings['dropout']}"
+        )
+    r = int(settings.get("r", 8))
+    if r < 1:
+        raise ValueError(f"lora r must be >= 1, got {r}")
+    from peft import LoraConfig, get_peft_model
+
+    targets = settings.get("target_modules")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=settings.get("alpha", 2 * r),
+        target_modules=list(targets) if isinstance(targets, list | tuple) else targets,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        with warnings.catch_warnings():
+            # GPT-2's Conv1D layers: peft switches fan_in_fan_out on itself and says so; and a
+            # transformers deprecation that peft, not the user, has to act on.
+            warnings.filterwarnings("ignore", message=".*fan_in_fan_out")
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            # An adapter on a tied LM head adapts the output only; export.py unties before merging.
+            warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*ensure_weight_tying")
+            return get_peft_model(model, config)
+    except ValueError as error:
+        if "target_modules" not in str(error) and "Target modules" not in str(error):
+            raise
+        layers = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if _adaptable(m)})
+        raise ValueError(
+            f"lora target_modules {targets!r} match no layer of the policy; its linear layers are named "
+            f"{', '.join(layers)}"
+        ) from None
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear | nn.Embedding) or type(module).__name__ == "Conv1D"

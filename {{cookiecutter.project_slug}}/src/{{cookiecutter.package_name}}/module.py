@@ -1,12 +1,18 @@
 """The LightningModule: KL-regularised RLOO fine-tuning of a policy against a frozen reference.
 
-One training step (docs/estimators.md §4-7):
+One training batch (docs/estimators.md §4-8):
     rollout:     prompts -> k samples each from the policy (sampling exactly from p)
                          -> rewards on the decoded text                       (once per batch)
     model_step:  policy (with grad) and reference (no grad) logits on prompt + response
-                 -> per-token statistics (one fused pass) -> RLOO loss with the rb or mc KL
-                 gradient, and every KL estimator on the same samples   (at the current weights)
-    then the statistics of each estimator, grouped by prompt (metrics.EstimatorStudy).
+                 -> per-token statistics (one fused pass) -> the loss (objective.py), and every
+                 KL estimator on the same samples                      (at the current weights)
+    update:      backward (in `micro_batches` pieces) and one optimizer step; ppo_epochs x
+                 minibatches updates per batch, each on whole prompt groups
+    then the statistics of each estimator, grouped by prompt (metrics.EstimatorStudy), always
+    at the weights that sampled.
+
+The module steps its optimizer itself (manual optimization), so "step" means one optimizer
+step everywhere: schedules, logging, checkpoints and `trainer.max_steps`.
 
 Validation and `test` (the KL evaluation) run the same two parts without the loss.
 Subclass it for new tasks: override `score` (rewards), `encode_prompts` (prompt formatting) or
@@ -15,8 +21,9 @@ Subclass it for new tasks: override `score` (rewards), `encode_prompts` (prompt 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,12 +34,14 @@ from torch import Tensor, nn
 
 from .estimators import LOGGED_ESTIMATORS, all_kl_values, masked_token_stats
 from .metrics import STAGES, EstimatorStudy, kl_key, reward_key
-from .models import check_same_vocabulary, disable_dropout, freeze, load_causal_lm, load_tokenizer
-from .objective import LossParts, rloo_kl_loss
+from .models import apply_lora, check_same_vocabulary, disable_dropout, freeze, load_causal_lm, load_tokenizer
+from .objective import LossParts, Objective, rloo_kl_loss
 from .rewards import Reward, check_rewards
 from .sampling import Samples, position_ids, sample_fast, sample_responses, sampling_config
 from .schedules import lr_lambda
 from .token_stats import TokenStats
+
+TOKEN_FIELDS = [f.name for f in dataclasses.fields(TokenStats)]
 
 
 @dataclass
@@ -44,6 +53,18 @@ class Rollout:
     rewards: Tensor  # [n * group_size]
     group_size: int
     responses: list[str] | None = None  # the decoded texts the rewards were computed on
+
+    def rows(self, prompts: Tensor) -> Tensor:
+        """Sample rows of the prompts at indices `prompts`: their whole groups, on the rewards' device."""
+        k = self.group_size
+        return (prompts[:, None] * k + torch.arange(k, device=prompts.device)).flatten().to(self.rewards.device)
+
+    def select(self, prompts: Tensor) -> Rollout:
+        """The whole groups of the prompts at indices `prompts` (a minibatch never splits a group)."""
+        rows = self.rows(prompts)
+        responses = None if self.responses is None else [self.responses[i] for i in rows.tolist()]
+        prompt_texts = [self.prompts[i] for i in prompts.tolist()]
+        return Rollout(prompt_texts, self.samples.select(rows), self.rewards[rows], self.group_size, responses)
 
 
 @dataclass
@@ -75,6 +96,17 @@ class RBKLModule(L.LightningModule):
         generation_kwargs: dict[str, Any] | None = None,
         sampler: Literal["fast", "hf"] = "fast",
         kl_chunk_rows: int | None = None,
+        kl_placement: Literal["loss", "reward"] = "loss",
+        reward_kl_estimator: Literal["mc", "k3", "cv", "rb"] = "rb",
+        detach_reward_kl: bool = False,
+        advantage: Literal["rloo", "grpo"] = "rloo",
+        ppo_epochs: int = 1,
+        minibatches: int = 1,
+        clip_range: float | None = None,
+        micro_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        lora: dict[str, Any] | None = None,
+        chat_template: bool = False,
     ):
         """
         Args:
@@ -82,7 +114,8 @@ class RBKLModule(L.LightningModule):
             reference: the frozen model of the KL term (the teacher, for distillation); default: policy.
             tokenizer: tokenizer name or folder; default: policy.
             reward: callable (prompts, responses) -> Tensor[N], set by class_path; None: no reward (pure KL).
-            kl_gradient: estimator of grad KL in the loss: "rb" (Rao-Blackwellized) or "mc" (score function).
+            kl_gradient: estimator of grad KL when kl_placement is "loss": "rb" (Rao-Blackwellized) or
+                "mc" (score function).
             beta: KL coefficient.
             samples_per_prompt: k responses per prompt for the leave-one-out baseline (>= 2).
             max_new_tokens: length limit of a response; longer ones are truncated (and count as such).
@@ -98,6 +131,23 @@ class RBKLModule(L.LightningModule):
             sampler: "fast" (a KV-cache decode loop with exact inverse-CDF sampling) or "hf" (Hugging
                 Face generate, for architectures whose cache the loop cannot drive).
             kl_chunk_rows: positions per chunk in the fused full-vocabulary KL op (None: automatic).
+            kl_placement: "loss" (the KL gradient estimator beside the reward term) or "reward"
+                (R - beta * kl per sample before the baseline, as TRL and the paper's code).
+            reward_kl_estimator: kl in the reward: "mc", "k3", "cv" (alpha = 1) or "rb".
+            detach_reward_kl: drop kl's own (pathwise) gradient; then only "mc" stays unbiased.
+            advantage: "rloo" (leave-one-out baseline) or "grpo" (group mean and std; the std
+                scaling changes the objective).
+            ppo_epochs: passes over each sampled batch (>= 1); later passes are importance-weighted.
+            minibatches: optimizer steps per pass, each on whole prompt groups (must divide the batch).
+            clip_range: PPO clipping of the sequence ratio in the advantage term (None: no clipping).
+            micro_batches: gradient accumulation: each minibatch's forward and backward in this many
+                pieces of whole prompt groups (less memory, same update). Replaces the trainer's
+                accumulate_grad_batches.
+            gradient_clip_val: clip the gradient norm before each optimizer step (None: no clipping).
+                Replaces the trainer's gradient_clip_val.
+            lora: train a LoRA adapter: {r, alpha, target_modules} (peft; dropout must be 0). With no
+                separate reference, the reference is the policy with its adapter off: one model in memory.
+            chat_template: format each prompt as a user message with the tokenizer's chat template.
         """
         super().__init__()
         if samples_per_prompt < 2:
@@ -110,14 +160,28 @@ class RBKLModule(L.LightningModule):
         ):
             if m < 2:
                 raise ValueError(f"{name} must be >= 2 to estimate a variance over a prompt's samples, got {m}")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
+        for name, count in (("ppo_epochs", ppo_epochs), ("minibatches", minibatches), ("micro_batches", micro_batches)):
+            if count < 1:
+                raise ValueError(f"{name} must be >= 1, got {count}")
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise ValueError(f"gradient_clip_val must be > 0 (or None for no clipping), got {gradient_clip_val}")
+        self.objective = Objective(
+            beta, kl_gradient, kl_placement, reward_kl_estimator, detach_reward_kl, advantage, clip_range
+        )
         self.save_hyperparameters(ignore=["reward"])
+        # Several optimizer steps per batch: the module steps the optimizer itself.
+        self.automatic_optimization = False
         self.tokenizer = load_tokenizer(tokenizer or policy, trust_remote_code)
+        if chat_template and not self.tokenizer.chat_template:
+            raise ValueError(f"chat_template is set but the tokenizer of {tokenizer or policy!r} has no chat template")
         self.policy = load_causal_lm(policy, dtype, trust_remote_code)
         disable_dropout(self.policy)
-        self.reference = freeze(load_causal_lm(reference or policy, dtype, trust_remote_code))
-        check_same_vocabulary(self.policy, self.reference, self.tokenizer)
+        if lora is not None:
+            self.policy = apply_lora(self.policy, lora)
+        # With LoRA and no reference named, the reference is the policy with its adapter off.
+        shared = lora is not None and reference is None
+        self.reference = None if shared else freeze(load_causal_lm(reference or policy, dtype, trust_remote_code))
+        check_same_vocabulary(self.policy, self.reference or self.policy, self.tokenizer)
         self.reward = freeze(reward) if isinstance(reward, nn.Module) else reward
         self.train()  # every model in eval mode from the start, not only after Lightning's first switch
         # A response ends at the tokenizer's EOS or any stop id of the model (instruct models list several).
@@ -140,6 +204,10 @@ class RBKLModule(L.LightningModule):
 
     # -- modes ---------------------------------------------------------------------------------
 
+    @property
+    def updates_per_batch(self) -> int:
+        return self.hparams.ppo_epochs * self.hparams.minibatches
+
     def train(self, mode: bool = True):
         # Sampling and the training forward must see the same distribution, so every model
         # stays in eval mode (dropout is also set to 0 on load). Lightning 2.6 does not call
@@ -153,7 +221,7 @@ class RBKLModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Loading is not strict (the reference is left out on purpose), so a checkpoint that lacks
         # policy weights would otherwise load silently and train from the initial weights.
-        missing = [k for k in self.state_dict() if k.startswith("policy.") and k not in checkpoint["state_dict"]]
+        missing = [k for k in self.trained_weight_names() if k not in checkpoint["state_dict"]]
         if missing:
             raise ValueError(
                 f"the checkpoint lacks {len(missing)} of the policy's weights (e.g. {missing[0]!r}): it was not "
@@ -176,15 +244,31 @@ class RBKLModule(L.LightningModule):
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(("reference.", "reward."))]:
+        state, kept = checkpoint["state_dict"], set(self.trained_weight_names())
+        for key in [k for k in state if k not in kept]:
             del state[key]
+
+    def trained_weight_names(self) -> list[str]:
+        """The state-dict keys a checkpoint holds: the policy's (with LoRA, only the adapter's)."""
+        if self.hparams.lora is None:
+            return [k for k in self.state_dict() if k.startswith("policy.")]
+        return [f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad]
 
     # -- data flow -----------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Left-padded prompt ids [B, P] and mask [B, P] bool; refuses prompts that cannot fit."""
-        enc = self.tokenizer(list(prompts), padding=True, return_tensors="pt")
+        if self.hparams.chat_template:
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in prompts
+            ]
+            # The template writes its own special tokens; the tokenizer must not add more.
+            enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        else:
+            enc = self.tokenizer(list(prompts), padding=True, return_tensors="pt")
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device).bool()
         lengths = mask.sum(1)  # [B]
         if (lengths == 0).any():
@@ -203,9 +287,41 @@ class RBKLModule(L.LightningModule):
         data = self.trainer.datamodule
         names = {"fit": ("train_prompts", "val_prompts"), "validate": ("val_prompts",), "test": ("test_prompts",)}
         prompts = [p for name in names.get(stage, ()) for p in getattr(data, name, [])]
+        if stage == "fit":
+            self.check_batch_split(getattr(data, "hparams", {}).get("batch_size"))
         for start in range(0, len(prompts), 256):
             self.encode_prompts(prompts[start : start + 256])
         self.warn_unknown_words(prompts)
+
+    def check_batch_split(self, batch_size: int | None) -> None:
+        """Minibatches and micro-batches are whole prompt groups: they must divide the batch."""
+        h = self.hparams
+        if batch_size is None:
+            return
+        if batch_size % h.minibatches:
+            raise ValueError(
+                f"minibatches={h.minibatches} does not divide a batch of {batch_size} prompts into whole prompt "
+                "groups: choose a divisor of data.batch_size"
+            )
+        if (batch_size // h.minibatches) % h.micro_batches:
+            raise ValueError(
+                f"micro_batches={h.micro_batches} does not divide a minibatch of {batch_size // h.minibatches} "
+                "prompts into whole prompt groups"
+            )
+
+    @staticmethod
+    def check_trainer(trainer: L.Trainer) -> None:
+        """Lightning's own accumulation and clipping do not apply to a module that steps itself."""
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "trainer.accumulate_grad_batches is not used by this module, which steps its optimizer itself: "
+                "set model.init_args.micro_batches (gradient accumulation over whole prompt groups) instead"
+            )
+        if trainer.gradient_clip_val is not None:
+            raise ValueError(
+                "trainer.gradient_clip_val is not used by this module, which steps its optimizer itself: set "
+                "model.init_args.gradient_clip_val instead"
+            )
 
     def warn_unknown_words(self, prompts: Sequence[str]) -> None:
         """One warning listing the words the tokenizer can only read as its unknown token."""
@@ -279,10 +395,16 @@ class RBKLModule(L.LightningModule):
         responses = self.decode_responses(samples)
         return Rollout(list(prompts), samples, self.score(repeated, responses), k, responses)
 
+    @torch.no_grad()
+    def reference_logits(self, samples: Samples) -> Tensor:
+        if self.reference is not None:
+            return self.response_logits(self.reference, samples)
+        with self.policy.disable_adapter():  # LoRA: the base model is the reference
+            return self.response_logits(self.policy, samples)
+
     def token_stats(self, samples: Samples, kl_grad: bool) -> TokenStats:
         policy_logits = self.response_logits(self.policy, samples)
-        with torch.no_grad():
-            ref_logits = self.response_logits(self.reference, samples)
+        ref_logits = self.reference_logits(samples)
         return masked_token_stats(
             policy_logits,
             ref_logits,
@@ -293,21 +415,31 @@ class RBKLModule(L.LightningModule):
             inplace=True,  # both logits are ours alone: the op reuses their memory
         )
 
-    def compute_loss(self, stats: TokenStats, rollout: Rollout, kl_gradient: str) -> LossParts:
-        h = self.hparams
-        return rloo_kl_loss(
-            stats, rollout.samples.response_mask, rollout.rewards, rollout.group_size, h.beta, kl_gradient
-        )
+    def compute_loss(
+        self, stats: TokenStats, rollout: Rollout, objective: Objective, old_logp: Tensor | None = None
+    ) -> LossParts:
+        mask = rollout.samples.response_mask
+        return rloo_kl_loss(stats, mask, rollout.rewards, rollout.group_size, objective, old_logp)
 
-    def model_step(self, rollout: Rollout, *, with_loss: bool = True, kl_gradient: str | None = None) -> StepOutput:
+    def model_step(
+        self,
+        rollout: Rollout,
+        *,
+        with_loss: bool = True,
+        kl_gradient: str | None = None,
+        old_logp: Tensor | None = None,
+    ) -> StepOutput:
         """What depends on the current weights: log-probs, KL statistics, every estimate, the loss.
 
         Shared by training, validation and benchmarks/step.py. `kl_gradient` overrides the
-        configured estimator for this call only (the benchmark compares both on one module).
+        configured estimator for this call only (the benchmark compares both on one module);
+        `old_logp` [N] are the sampling policy's log-probabilities once the weights have moved.
         """
-        kl_gradient = kl_gradient or self.hparams.kl_gradient
-        stats = self.token_stats(rollout.samples, kl_grad=with_loss and kl_gradient == "rb")
-        loss = self.compute_loss(stats, rollout, kl_gradient) if with_loss else None
+        objective = self.objective
+        if kl_gradient is not None:
+            objective = dataclasses.replace(objective, kl_gradient=kl_gradient)
+        stats = self.token_stats(rollout.samples, kl_grad=with_loss and objective.needs_kl_grad)
+        loss = self.compute_loss(stats, rollout, objective, old_logp) if with_loss else None
         return StepOutput(stats, all_kl_values(stats, rollout.samples.response_mask, rollout.group_size), loss)
 
     # -- steps ---------------------------------------------------------------------------------
@@ -319,31 +451,85 @@ class RBKLModule(L.LightningModule):
 
     def training_step(self, batch: list[str], batch_idx: int) -> dict[str, Tensor]:
         rollout = self.rollout(batch, self.hparams.samples_per_prompt)
-        out = self.model_step(rollout)
-        mask = rollout.samples.response_mask
-        self.study("train").update(out.values, rollout.rewards, rollout.group_size)
-        if self.should_log_step():
-            n_tokens = mask.sum().clamp(min=1)
-            scalars = {
-                "train/loss": out.loss.loss.detach(),
-                "train/policy_gradient_loss": out.loss.policy_gradient,
-                # What a reader takes for the penalty: beta x KL, with the RB value of the KL (the
-                # surrogate's forward value is not a KL).
-                "train/kl_penalty": self.hparams.beta * out.values["rb"].mean(),
-                "train/entropy": out.stats.entropy.detach().sum() / n_tokens,
-                "train/response_length": mask.sum(1).float().mean(),
-            }
-            # One collective for all scalars: the mean over ranks.
-            reduced = self.trainer.strategy.reduce(torch.stack(list(scalars.values())).float(), reduce_op="mean")
-            logged = dict(zip(scalars, reduced, strict=True))
-            logged["train/global_batch"] = torch.tensor(float(len(rollout.rewards) * self.trainer.world_size))
-            logged["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
-            logged.update(self.study("train").compute())
-            self.write_to_loggers(logged)
-            progress = {"reward": logged[reward_key("train", "mean")], "kl_rb": logged[kl_key("train", "rb", "mean")]}
-            self.log_dict(progress, prog_bar=True, logger=False)
+        first_step, mask = self.global_step, rollout.samples.response_mask
+        lr = self.optimizers().param_groups[0]["lr"]  # of the batch's first update
+        if self.updates_per_batch == 1:
+            # The one update runs at the sampling weights: its statistics are the batch's (rho = 1).
+            outputs = self.update(rollout, torch.arange(len(rollout.prompts)), None)
+            stats = TokenStats(*(torch.cat([getattr(o.stats, f).detach() for o in outputs]) for f in TOKEN_FIELDS))
+            values = outputs[0].values if len(outputs) == 1 else all_kl_values(stats, mask, rollout.group_size)
+            sampled = StepOutput(stats, values, None)
+        else:
+            # Statistics of the policy that sampled, and its log-probs for the importance ratios.
+            with torch.no_grad():
+                sampled = self.model_step(rollout, with_loss=False)
+            old_logp = sampled.stats.logp.sum(-1)
+            schedule = self.minibatch_schedule(len(rollout.prompts))
+            outputs = [out for groups in schedule for out in self.update(rollout, groups, old_logp)]
+
+        self.study("train").update(sampled.values, rollout.rewards, rollout.group_size)
+        if self.should_log_step(first_step):
+            self.log_training(rollout, sampled, outputs, first_step, lr)
         # Callbacks see this rank's per-sample values in on_train_batch_end.
-        return {"loss": out.loss.loss, "rewards": rollout.rewards, **{f"kl/{n}": v for n, v in out.values.items()}}
+        return {"rewards": rollout.rewards, **{f"kl/{n}": v for n, v in sampled.values.items()}}
+
+    def minibatch_schedule(self, n_prompts: int) -> Iterator[Tensor]:
+        """Prompt indices of each update: ppo_epochs passes, each in a new random order of groups."""
+        for _ in range(self.hparams.ppo_epochs):
+            order = torch.randperm(n_prompts) if self.hparams.minibatches > 1 else torch.arange(n_prompts)
+            yield from (part for part in order.tensor_split(self.hparams.minibatches) if len(part))
+
+    def update(self, rollout: Rollout, prompts: Tensor, old_logp: Tensor | None) -> list[StepOutput]:
+        """One optimizer step on the groups of `prompts`, backward in `micro_batches` pieces."""
+        optimizer, h = self.optimizers(), self.hparams
+        outputs = []
+        for piece in (p for p in prompts.tensor_split(h.micro_batches) if len(p)):
+            part = rollout.select(piece)
+            out = self.model_step(part, old_logp=None if old_logp is None else old_logp[rollout.rows(piece)])
+            # Each piece weighs by its share of samples: the sum is the minibatch's mean loss.
+            self.manual_backward(out.loss.loss * (len(piece) / len(prompts)))
+            outputs.append(out)
+        if h.gradient_clip_val is not None:
+            self.clip_policy_gradients(optimizer, h.gradient_clip_val)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
+        return outputs
+
+    def clip_policy_gradients(self, optimizer, max_norm: float) -> None:
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # Sharded gradients: only the root FSDP module knows the global norm.
+            self.trainer.strategy.model.clip_grad_norm_(max_norm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+    def log_training(
+        self, rollout: Rollout, sampled: StepOutput, outputs: list[StepOutput], step: int, lr: float
+    ) -> None:
+        mask = rollout.samples.response_mask
+        n_tokens = mask.sum().clamp(min=1)
+        losses = [out.loss for out in outputs]
+        scalars = {
+            # Means over the batch's updates (and their micro-batches).
+            "train/loss": torch.stack([part.loss.detach() for part in losses]).mean(),
+            "train/policy_gradient_loss": torch.stack([part.policy_gradient for part in losses]).mean(),
+            # What a reader takes for the penalty: beta x KL, with the RB value of the KL (the
+            # surrogate's forward value is not a KL).
+            "train/kl_penalty": self.hparams.beta * sampled.values["rb"].mean(),
+            "train/entropy": sampled.stats.entropy.detach().sum() / n_tokens,
+            "train/response_length": mask.sum(1).float().mean(),
+        }
+        if self.hparams.clip_range is not None:
+            scalars["train/clip_fraction"] = torch.stack([part.clip_fraction for part in losses]).mean()
+        # One collective for all scalars: the mean over ranks.
+        reduced = self.trainer.strategy.reduce(torch.stack(list(scalars.values())).float(), reduce_op="mean")
+        logged = dict(zip(scalars, reduced, strict=True))
+        logged["train/global_batch"] = torch.tensor(float(len(rollout.rewards) * self.trainer.world_size))
+        logged["train/lr"] = torch.tensor(lr)
+        logged.update(self.study("train").compute())
+        self.write_to_loggers(logged, step)
+        progress = {"reward": logged[reward_key("train", "mean")], "kl_rb": logged[kl_key("train", "rb", "mean")]}
+        self.log_dict(progress, prog_bar=True, logger=False)
 
     def evaluation_step(self, stage: str, batch: list[str], samples_per_prompt: int) -> dict[str, Any]:
         """Validation and test: M samples per prompt, every estimator on the same samples."""
@@ -376,11 +562,12 @@ class RBKLModule(L.LightningModule):
         """The statistics of a stage (train, val, test): updated per step, logged by compute()."""
         return self.studies[f"{stage}_study"]
 
-    def should_log_step(self) -> bool:
-        # The same rule as Lightning's own step logging, evaluated alike on every rank.
-        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0 or self.trainer.should_stop
+    def should_log_step(self, first_step: int) -> bool:
+        """Whether this batch's updates reached a multiple of log_every_n_steps (alike on every rank)."""
+        every = self.trainer.log_every_n_steps
+        return self.global_step // every > first_step // every or self.trainer.should_stop
 
-    def write_to_loggers(self, metrics: dict[str, Tensor]) -> None:
+    def write_to_loggers(self, metrics: dict[str, Tensor], step: int) -> None:
         """Per-step metrics straight to the loggers (rank 0 writes).
 
         They are global already, and self.log costs ~0.3 ms per key and step: with 40+ keys that
@@ -392,7 +579,7 @@ class RBKLModule(L.LightningModule):
         )  # one device-to-host copy
         values["epoch"] = self.current_epoch
         for logger in self.loggers:
-            logger.log_metrics(values, step=self.global_step)
+            logger.log_metrics(values, step=step)  # the step at which the batch was sampled
 
     # -- optimisation --------------------------------------------------------------------------
 
@@ -401,7 +588,11 @@ class RBKLModule(L.LightningModule):
         # Only the policy's trainable weights: self.parameters() would include the reference.
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
-        total = self.trainer.estimated_stepping_batches
-        schedule = lr_lambda(h.warmup_steps, int(total) if total != float("inf") else None, h.lr_decay)
+        # Lightning estimates batches, capped by max_steps (which counts optimizer steps).
+        batches, max_steps = self.trainer.estimated_stepping_batches, self.trainer.max_steps
+        total = int(batches) * self.updates_per_batch if batches != float("inf") else None
+        if total is not None and max_steps != -1:
+            total = min(total, max_steps)
+        schedule = lr_lambda(h.warmup_steps, total, h.lr_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

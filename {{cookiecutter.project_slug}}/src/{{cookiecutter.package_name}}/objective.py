@@ -1,23 +1,47 @@
-"""The KL-regularised RLOO objective as a surrogate loss (docs/estimators.md §5).
+"""The KL-regularised policy-gradient objective as a surrogate loss (docs/estimators.md §5, §8).
 
 For a prompt with k samples y_1..y_k, rewards R_i and KL coefficient beta, the autograd gradient
-of the loss is the estimate
+of the default loss (`kl_placement="loss"`, `advantage="rloo"`, one update per batch) is
 
     - (1/N) sum_i [ (R_i - b_i) grad log p(y_i) - beta * g_KL(y_i) ],   b_i = mean_{j != i} R_j
 
 where g_KL is the mc or rb KL gradient with a leave-one-out baseline of the other samples' KL
 in its score-function part. Both baselines are independent of the sample they are subtracted
-from, so the estimate stays unbiased.
+from, so the estimate is unbiased for -grad(E[R] - beta KL).
+
+Variants (each an option of `Objective`):
+
+- `kl_placement="reward"`: each reward becomes R_i - beta * kl_i with kl_i a per-sample value
+  estimate (`reward_kl_estimator`: mc, k3, cv with alpha = 1, rb) before the baseline. With
+  `detach_reward_kl=False` the loss also keeps kl_i's pathwise gradient (y_i fixed), which makes
+  every unbiased value estimator give an unbiased gradient: grad E_p[kl(y)] = E[kl grad log p] +
+  E[grad kl]. Detached, only mc stays unbiased (E[grad kl] = E[grad log p] = 0 for mc alone).
+- `advantage="grpo"`: (R_i - mean_j R_j) / (std_j R_j + eps) over the prompt's group. The std
+  scaling weighs each prompt by 1 / std: its expected gradient is not that of E[R] - beta KL.
+- Updates off the sampling policy (PPO epochs, minibatches): `old_logp` holds log p_old(y) of
+  the sampling policy. Every term is recomputed at the current theta and the whole per-sample
+  estimate is multiplied by the sequence-level ratio rho = p_theta(y) / p_old(y), so that
+  E_{p_old}[rho g_theta(y)] = E_{p_theta}[g_theta(y)]: unbiased at the current theta.
+- `clip_range` eps: the advantage term becomes PPO's -min(rho A, clip(rho, 1 - eps, 1 + eps) A).
+  Clipping trades bias for stability once theta has moved; KL terms outside the advantage (the
+  loss placement's KL surrogate, the reward placement's pathwise term) keep the plain ratio, so
+  they stay unbiased.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from .estimators import GRADIENT_ESTIMATORS, check_estimator, kl_surrogate, kl_to_go
+from .estimators import GRADIENT_ESTIMATORS, check_estimator, kl_surrogate, kl_to_go, kl_values
 from .token_stats import TokenStats
+
+KL_PLACEMENTS = ("loss", "reward")
+REWARD_KL_ESTIMATORS = ("mc", "k3", "cv", "rb")
+ADVANTAGES = ("rloo", "grpo")
+GRPO_EPS = 1e-4  # as TRL's GRPO: a group of equal rewards gets advantage 0, not 0/0
 
 
 def leave_one_out_mean(values: Tensor, k: int) -> Tensor:
@@ -30,25 +54,109 @@ def leave_one_out_mean(values: Tensor, k: int) -> Tensor:
     return ((grouped.sum(1, keepdim=True) - grouped) / (k - 1)).reshape(values.shape)
 
 
+def group_advantage(values: Tensor, k: int, kind: str = "rloo") -> Tensor:
+    """[N] per-sample (shaped) rewards -> advantages, each prompt's k samples adjacent."""
+    if kind == "rloo":
+        return values - leave_one_out_mean(values, k)
+    if kind != "grpo":
+        raise ValueError(f"unknown advantage {kind!r}; valid names are {', '.join(ADVANTAGES)}")
+    grouped = values.reshape(-1, k)
+    normalised = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + GRPO_EPS)
+    return normalised.reshape(values.shape)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """How the loss combines reward and KL; the defaults are on-policy RLOO with the KL in the loss."""
+
+    beta: float
+    kl_gradient: str = "rb"  # kl_placement "loss": the KL gradient estimator, mc or rb
+    kl_placement: str = "loss"
+    reward_kl_estimator: str = "rb"  # kl_placement "reward": the per-sample KL value in the reward
+    detach_reward_kl: bool = False
+    advantage: str = "rloo"
+    clip_range: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        check_estimator(self.kl_gradient, GRADIENT_ESTIMATORS)
+        if self.kl_placement not in KL_PLACEMENTS:
+            raise ValueError(f"kl_placement must be one of {', '.join(KL_PLACEMENTS)}, got {self.kl_placement!r}")
+        check_estimator(self.reward_kl_estimator, REWARD_KL_ESTIMATORS)
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"advantage must be one of {', '.join(ADVANTAGES)}, got {self.advantage!r}")
+        if self.clip_range is not None and not self.clip_range > 0:
+            raise ValueError(f"clip_range must be > 0 (or None for no clipping), got {self.clip_range}")
+
+    @property
+    def kl_estimator(self) -> str:
+        """The estimator whose gradient the loss uses."""
+        return self.kl_gradient if self.kl_placement == "loss" else self.reward_kl_estimator
+
+    @property
+    def needs_kl_grad(self) -> bool:
+        """Whether the per-token KL must be differentiable (the rb pathwise term is in the loss)."""
+        if self.kl_placement == "loss":
+            return self.kl_gradient == "rb"
+        return self.reward_kl_estimator == "rb" and not self.detach_reward_kl
+
+
 @dataclass
 class LossParts:
-    loss: Tensor  # scalar to backpropagate
-    policy_gradient: Tensor  # scalar, the reward part of the loss
-    kl_penalty: Tensor  # scalar, beta times the KL surrogate
-    advantage: Tensor  # [N] R_i - b_i
+    loss: Tensor  # scalar to backpropagate: per_sample.mean()
+    per_sample: Tensor  # [N] each sample's term (an exact-expectation test weighs these)
+    policy_gradient: Tensor  # scalar, the advantage part of the loss (detached)
+    kl_penalty: Tensor  # scalar, the KL terms outside the advantage (detached)
+    advantage: Tensor  # [N] detached
+    clip_fraction: Tensor  # scalar, share of samples whose advantage term is clipped
 
 
-def rloo_kl_loss(stats: TokenStats, mask: Tensor, rewards: Tensor, k: int, beta: float, kl_gradient: str) -> LossParts:
-    """Surrogate loss for one batch of N = prompts * k samples (adjacent per prompt)."""
-    check_estimator(kl_gradient, GRADIENT_ESTIMATORS)
-    advantage = rewards - leave_one_out_mean(rewards, k)  # [N]
+def rloo_kl_loss(
+    stats: TokenStats,
+    mask: Tensor,
+    rewards: Tensor,
+    k: int,
+    objective: Objective,
+    old_logp: Tensor | None = None,
+) -> LossParts:
+    """Surrogate loss for N = prompts * k samples (adjacent per prompt), stats at the current theta.
+
+    `old_logp` [N]: log-probability of each response under the policy that sampled it; None when
+    the weights have not changed since sampling (then rho = 1 and its gradient is grad log p).
+    """
+    o = objective
     seq_logp = stats.logp.sum(-1)  # [N]
-    if kl_gradient == "rb":
-        # Per position: the other samples' KL still to come at the same position.
-        kl_baseline = leave_one_out_mean(kl_to_go(stats.kl.detach()), k)  # [N, T]
+    reference = seq_logp.detach() if old_logp is None else old_logp.detach()
+    ratio = torch.exp(seq_logp - reference)  # [N], 1 on-policy, with gradient rho * grad log p
+    weight = ratio.detach()
+
+    if o.kl_placement == "loss":
+        advantage = group_advantage(rewards, k, o.advantage).detach()
+        if o.kl_gradient == "rb":
+            # Per position: the other samples' KL still to come at the same position.
+            kl_baseline = leave_one_out_mean(kl_to_go(stats.kl.detach()), k)  # [N, T]
+        else:
+            kl_baseline = leave_one_out_mean((stats.logp - stats.logq).detach().sum(-1), k)  # [N]
+        kl_term = kl_surrogate(stats, mask, o.kl_gradient, baseline=kl_baseline)  # [N]
     else:
-        kl_baseline = leave_one_out_mean((stats.logp - stats.logq).detach().sum(-1), k)  # [N]
-    kl_part = kl_surrogate(stats, mask, kl_gradient, baseline=kl_baseline)  # [N]
-    policy_gradient = -(advantage.detach() * seq_logp).mean()
-    kl_penalty = beta * kl_part.mean()
-    return LossParts(policy_gradient + kl_penalty, policy_gradient.detach(), kl_penalty.detach(), advantage)
+        kl = kl_values(stats, mask, o.reward_kl_estimator)  # [N], differentiable with y fixed
+        advantage = group_advantage(rewards - o.beta * kl.detach(), k, o.advantage).detach()
+        kl_term = torch.zeros_like(kl) if o.detach_reward_kl else kl  # the pathwise part
+
+    policy_gradient = -ratio * advantage
+    clipped = torch.zeros_like(weight, dtype=torch.bool)
+    if o.clip_range is not None:
+        low, high = 1 - o.clip_range, 1 + o.clip_range
+        policy_gradient = torch.maximum(policy_gradient, -ratio.clamp(low, high) * advantage)
+        clipped = ((weight > high) & (advantage > 0)) | ((weight < low) & (advantage < 0))
+    kl_part = o.beta * weight * kl_term
+    per_sample = policy_gradient + kl_part
+    return LossParts(
+        loss=per_sample.mean(),
+        per_sample=per_sample,
+        policy_gradient=policy_gradient.detach().mean(),
+        kl_penalty=kl_part.detach().mean(),
+        advantage=advantage,
+        clip_fraction=clipped.float().mean(),
+    )

@@ -23,7 +23,21 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 # Settings whose change between the checkpoint and the resumed run changes what is optimised.
-OBJECTIVE_SETTINGS = ("policy", "reference", "beta", "kl_gradient", "samples_per_prompt")
+OBJECTIVE_SETTINGS = (
+    "policy",
+    "reference",
+    "beta",
+    "kl_gradient",
+    "samples_per_prompt",
+    "kl_placement",
+    "reward_kl_estimator",
+    "detach_reward_kl",
+    "advantage",
+    "ppo_epochs",
+    "minibatches",
+    "clip_range",
+    "lora",
+)
 CHECKPOINTS_DIR = "checkpoints"
 
 
@@ -64,7 +78,28 @@ class RunLogger(CSVLogger):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that also writes last.ckpt when training ends between two of its saves."""
+    """ModelCheckpoint that also writes last.ckpt when training ends between two of its saves.
+
+    The module steps its optimizer itself, possibly several times per batch: a save is due when
+    a batch's steps reach a multiple of every_n_train_steps (not only when they land on it), and
+    it holds the weights after the batch, which is where a resume continues.
+    """
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int):
+        if pl_module.automatic_optimization or self._train_time_interval is not None:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        every, start = self._every_n_train_steps, getattr(self, "_step_at_batch_start", trainer.global_step)
+        if every < 1 or trainer.global_step // every == start // every or self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is not None and self.monitor not in candidates:
+            self._defer_save_until_validation = True
+            return
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)

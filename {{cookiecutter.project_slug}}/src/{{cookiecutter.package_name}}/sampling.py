@@ -105,6 +105,10 @@ class Samples:
     response: Tensor  # [N, R]
     response_mask: Tensor  # [N, R] bool, includes the EOS
 
+    def select(self, rows: Tensor) -> Samples:
+        """The samples at `rows` (e.g. whole prompt groups for a minibatch)."""
+        return Samples(self.prompt_ids[rows], self.prompt_mask[rows], self.response[rows], self.response_mask[rows])
+
     @property
     def input_ids(self) -> Tensor:
         return torch.cat([self.prompt_ids, self.response], dim=1)  # [N, P + R]
@@ -179,7 +183,9 @@ def sample_fast(
     positions = position_ids(attention)  # [N, P], as generate derives them
     stops = torch.as_tensor(list(stop_ids), device=ids.device)
     # transformers renamed past_key_values to cache (5.x); the loop speaks whichever the model takes.
-    cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # A peft model's forward takes **kwargs and hands them on: ask the model it wraps.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache_key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache, logits = out[cache_key], out.logits[:, -1]  # [N, V]
     next_position = positions[:, -1:] + 1  # [N, 1]

@@ -1,0 +1,78 @@
+"""Write a trained policy as a Hugging Face model folder: `python export.py CHECKPOINT OUT_DIR`.
+
+The folder holds the policy's weights (a LoRA adapter merged into its base model), its config,
+generation config and tokenizer, so `AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads it and
+`train.py test --model.init_args.policy=OUT_DIR` evaluates it. The policy is rebuilt from the
+checkpoint's own hyperparameters; neither the reference nor the reward is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .models import apply_lora, load_causal_lm, load_tokenizer
+
+
+def load_policy(checkpoint: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The trained policy (LoRA merged) and its tokenizer, from a checkpoint of RBKLModule."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    h = saved.get("hyper_parameters", {})
+    if "policy" not in h:
+        raise ValueError(f"{checkpoint} was not written by RBKLModule: its hyperparameters name no policy")
+    policy = load_causal_lm(h["policy"], h.get("dtype", "float32"), h.get("trust_remote_code", False))
+    if h.get("lora") is not None:
+        policy = apply_lora(policy, h["lora"])
+    weights = {k.removeprefix("policy."): v for k, v in saved["state_dict"].items() if k.startswith("policy.")}
+    missing, _ = policy.load_state_dict(weights, strict=False)
+    # Checkpoints hold the trained weights only (with LoRA: the adapter's).
+    lacking = sorted({n for n, p in policy.named_parameters() if p.requires_grad} & set(missing))
+    if lacking:
+        raise ValueError(f"{checkpoint} lacks {len(lacking)} of the policy's trained weights (e.g. {lacking[0]!r})")
+    if h.get("lora") is not None:
+        untie_adapted_output_embeddings(policy.get_base_model())
+        policy = policy.merge_and_unload()
+    tokenizer = load_tokenizer(h.get("tokenizer") or h["policy"], h.get("trust_remote_code", False))
+    return policy.eval(), tokenizer
+
+
+def untie_adapted_output_embeddings(model: nn.Module) -> None:
+    """Give the input embeddings their own copy when an adapter sits on tied output embeddings.
+
+    Merging a LoRA adapter of the LM head into a weight shared with the input embeddings would
+    change the input embeddings too: a different model from the one trained.
+    """
+    output = model.get_output_embeddings()
+    if not getattr(model.config, "tie_word_embeddings", False) or not hasattr(output, "base_layer"):
+        return
+    inputs = model.get_input_embeddings()
+    inputs.weight = nn.Parameter(inputs.weight.detach().clone(), requires_grad=inputs.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+
+
+def export(checkpoint: Path, out_dir: Path) -> Path:
+    policy, tokenizer = load_policy(checkpoint)
+    policy.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "checkpoint", type=Path, help="a .ckpt written by train.py fit (e.g. .../checkpoints/last.ckpt)"
+    )
+    parser.add_argument("out_dir", type=Path, help="the folder to write (created; existing files are replaced)")
+    args = parser.parse_args(argv)
+    if not args.checkpoint.is_file():
+        sys.exit(f"error: {args.checkpoint}: no such checkpoint file")
+    try:
+        out = export(args.checkpoint, args.out_dir)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    print(f"wrote {out}: " + "  ".join(sorted(p.name for p in out.iterdir())))
