@@ -28,6 +28,8 @@ part step_fp32 240 python benchmarks/step.py --shapes a,b --pairs 9 --dtype floa
 part step_bf16 240 python benchmarks/step.py --shapes a,b --pairs 9 --dtype bfloat16
 # (iii) sampling: fast vs generate on the GPU
 part sampling 120 python benchmarks/sampling.py --pairs 5
+# (iii b) issue 15 item 4: static cache and compiled decode steps (CUDA graphs) against the loop
+part sampling_static 300 python benchmarks/sampling.py --pairs 5 --static
 # (iv) the offline default end to end on the GPU
 part default 180 python train.py fit --config configs/default.yaml --trainer.accelerator=gpu \
   --trainer.enable_progress_bar=false --trainer.logger.init_args.name=gpu_default

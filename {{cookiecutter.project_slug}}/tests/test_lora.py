@@ -1,6 +1,8 @@
 """LoRA with the adapter-off base as reference, exporting a trained policy, and chat templates."""
 
 import csv
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +91,7 @@ def test_export_writes_a_folder_that_from_pretrained_loads(tiny_trainer, tmp_pat
     module = RBKLModule(reward=KeywordReward(["good"]), lora=lora, lr=3e-2)
     trainer = train(tiny_trainer, module, steps=2)
     trainer.save_checkpoint(tmp_path / "run.ckpt")
-    env = {"PYTHONPATH": str(PROJECT / "src")}
+    env = {**os.environ, "PYTHONPATH": str(PROJECT / "src")}
     result = subprocess.run(
         [sys.executable, str(PROJECT / "export.py"), str(tmp_path / "run.ckpt"), str(tmp_path / "out")],
         capture_output=True,
@@ -106,6 +108,34 @@ def test_export_writes_a_folder_that_from_pretrained_loads(tiny_trainer, tmp_pat
             exported(input_ids=ids).logits, module.policy(input_ids=ids).logits, atol=1e-5, rtol=1e-5
         )
     assert AutoTokenizer.from_pretrained(tmp_path / "out").eos_token == module.tokenizer.eos_token
+    if lora is None:
+        return
+    # The KL evaluation reads the exported folder like any hub model: trained policy vs its base.
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(PROJECT / "train.py"),
+            "test",
+            "--config",
+            str(PROJECT / "configs/kl_eval.yaml"),
+            "--trainer.accelerator=cpu",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "logs"),
+            "--model.init_args.policy",
+            str(tmp_path / "out"),
+            "--model.init_args.reference=builtin:tiny-gpt2",
+            "--model.init_args.test_samples_per_prompt=2",
+            "--model.init_args.max_new_tokens=4",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(next((tmp_path / "logs").rglob("kl_report.json")).read_text())
+    assert report["policy"] == str(tmp_path / "out") and report["estimators"]["rb"]["mean"] > 0
 
 
 def test_export_refuses_a_missing_checkpoint_in_one_line(tmp_path):
@@ -113,17 +143,23 @@ def test_export_refuses_a_missing_checkpoint_in_one_line(tmp_path):
         [sys.executable, str(PROJECT / "export.py"), str(tmp_path / "nope.ckpt"), str(tmp_path / "out")],
         capture_output=True,
         text=True,
-        env={"PYTHONPATH": str(PROJECT / "src")},
+        env={**os.environ, "PYTHONPATH": str(PROJECT / "src")},
         timeout=120,
     )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.ckpt'}: no such checkpoint file"
 
 
-{% raw %}CHAT = (
-    "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-){% endraw %}
+def jinja(text: str) -> str:
+    """Jinja with (% %) and (( )) for its delimiters: literal ones would read as leftovers of the
+    cookiecutter template to the template's own check."""
+    return text.replace("(%", "{" + "%").replace("%)", "%" + "}").replace("((", "{" + "{").replace("))", "}" + "}")
+
+
+CHAT = jinja(
+    "(% for m in messages %)<|user|>(( m['content'] ))(% endfor %)"
+    "(% if add_generation_prompt %)<|assistant|>(% endif %)"
+)
 
 
 @pytest.fixture(scope="module")

@@ -205,3 +205,57 @@ def test_responses_stop_at_any_stop_id():
     response = torch.tensor([[5, 9, 4, 4], [4, 2, 9, 1], [1, 2, 3, 4]])
     expected = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(response_mask(response, [9, 4]), expected)
+
+
+def test_a_static_cache_draws_every_response_with_its_exact_probability(tiny_lm):
+    from {{ cookiecutter.package_name }}.sampling import sample_fast, static_cache
+
+    ids, mask = left_padded(EXACT_PROMPTS)
+    torch.manual_seed(0)
+    cache = static_cache(tiny_lm, ids.shape[1] + NEW_TOKENS, bucket=4)
+    samples = sample_fast(tiny_lm, ids, mask, DRAWS, NEW_TOKENS, [0], 0, cache=cache)
+    for i, prompt in enumerate(EXACT_PROMPTS):
+        assert chi_square_p(samples, i, exact_response_probabilities(tiny_lm, prompt)) > 0.001, prompt
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["static", "static-compiled"])
+def test_static_cache_logits_equal_the_training_forward_batch_after_batch(compiled):
+    from {{ cookiecutter.package_name }}.sampling import sample_fast
+
+    module = RBKLModule(max_new_tokens=6, decode_cache="static")
+    # The eager backend checks what torch.compile traces, without a C++ toolchain or a GPU.
+    decode = torch.compile(module.policy.forward, backend="eager", dynamic=False) if compiled else None
+    caches = []
+    for prompts in (PROMPTS, PROMPTS[::-1]):  # the second batch resets and reuses the first one's cache
+        ids, mask = module.encode_prompts(prompts)
+        caches.append(module.static_cache(2 * len(prompts), ids.shape[1] + 6))
+        torch.manual_seed(0)
+        samples, drawn_from = sample_fast(
+            module.policy,
+            ids,
+            mask,
+            2,
+            6,
+            module.stop_ids,
+            module.tokenizer.pad_token_id,
+            return_logits=True,
+            cache=caches[-1],
+            decode=decode,
+        )
+        logits = module.response_logits(module.policy, samples)
+        m = samples.response_mask
+        torch.testing.assert_close(logits[m], drawn_from[m], rtol=1e-4, atol=1e-4)
+    assert caches[0] is caches[1]
+    assert module.sample(PROMPTS, 2).response.shape == (6, 6)  # the module's own path
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"compile_decode": True}, "compile_decode needs decode_cache: static"),
+        ({"sampler": "hf", "decode_cache": "static"}, "sampler hf uses generate's own"),
+    ],
+)
+def test_decode_options_that_cannot_work_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RBKLModule(**kwargs)

@@ -37,7 +37,7 @@ from .metrics import STAGES, EstimatorStudy, kl_key, reward_key
 from .models import apply_lora, check_same_vocabulary, disable_dropout, freeze, load_causal_lm, load_tokenizer
 from .objective import LossParts, Objective, rloo_kl_loss
 from .rewards import Reward, check_rewards
-from .sampling import Samples, position_ids, sample_fast, sample_responses, sampling_config
+from .sampling import Samples, position_ids, sample_fast, sample_responses, sampling_config, static_cache
 from .schedules import lr_lambda
 from .token_stats import TokenStats
 
@@ -95,6 +95,8 @@ class RBKLModule(L.LightningModule):
         trust_remote_code: bool = False,
         generation_kwargs: dict[str, Any] | None = None,
         sampler: Literal["fast", "hf"] = "fast",
+        decode_cache: Literal["dynamic", "static"] = "dynamic",
+        compile_decode: bool = False,
         kl_chunk_rows: int | None = None,
         kl_placement: Literal["loss", "reward"] = "loss",
         reward_kl_estimator: Literal["mc", "k3", "cv", "rb"] = "rb",
@@ -130,6 +132,10 @@ class RBKLModule(L.LightningModule):
             generation_kwargs: extra generate settings; any that would change the sampled distribution is refused.
             sampler: "fast" (a KV-cache decode loop with exact inverse-CDF sampling) or "hf" (Hugging
                 Face generate, for architectures whose cache the loop cannot drive).
+            decode_cache: the fast sampler's KV cache: "dynamic" (grows per token) or "static"
+                (preallocated; fixed shapes, which compile_decode needs).
+            compile_decode: run the fast sampler's decode steps through torch.compile (CUDA graphs
+                on a GPU); needs decode_cache "static". The first batches pay the compilation.
             kl_chunk_rows: positions per chunk in the fused full-vocabulary KL op (None: automatic).
             kl_placement: "loss" (the KL gradient estimator beside the reward term) or "reward"
                 (R - beta * kl per sample before the baseline, as TRL and the paper's code).
@@ -160,6 +166,10 @@ class RBKLModule(L.LightningModule):
         ):
             if m < 2:
                 raise ValueError(f"{name} must be >= 2 to estimate a variance over a prompt's samples, got {m}")
+        if compile_decode and decode_cache != "static":
+            raise ValueError("compile_decode needs decode_cache: static (a growing cache would recompile every token)")
+        if sampler == "hf" and (decode_cache != "dynamic" or compile_decode):
+            raise ValueError("decode_cache and compile_decode set the fast sampler; sampler hf uses generate's own")
         for name, count in (("ppo_epochs", ppo_epochs), ("minibatches", minibatches), ("micro_batches", micro_batches)):
             if count < 1:
                 raise ValueError(f"{name} must be >= 1, got {count}")
@@ -201,6 +211,8 @@ class RBKLModule(L.LightningModule):
         # Checkpoints hold the policy only: the reference and reward are rebuilt from the config.
         self.strict_loading = False
         self._rng_states_to_restore: dict[str, Any] | None = None  # set by on_load_checkpoint
+        self._static_cache: tuple[tuple, Any] | None = None  # decode_cache "static": reused across batches
+        self._compiled_decode = None
 
     # -- modes ---------------------------------------------------------------------------------
 
@@ -352,16 +364,40 @@ class RBKLModule(L.LightningModule):
         synced = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
         if self.hparams.sampler == "hf":
             return sample_responses(self.policy, ids, mask, k, self.generation_config, synced_gpus=synced)
+        h = self.hparams
+        cache = (
+            self.static_cache(ids.shape[0] * k, ids.shape[1] + h.max_new_tokens) if h.decode_cache == "static" else None
+        )
         return sample_fast(
             self.policy,
             ids,
             mask,
             k,
-            self.hparams.max_new_tokens,
+            h.max_new_tokens,
             self.stop_ids,
             self.tokenizer.pad_token_id,
             synced_gpus=synced,
+            cache=cache,
+            decode=self.compiled_decode() if h.compile_decode else None,
         )
+
+    def static_cache(self, rows: int, length: int):
+        """An empty static KV cache, the previous batch's reset when the shapes agree: the same
+        tensors batch after batch, as CUDA graphs want them."""
+        key = (rows, length, self.device)
+        if self._static_cache is not None and self._static_cache[0] == key:
+            self._static_cache[1].reset()
+        else:
+            self._static_cache = (key, static_cache(self.policy, length))
+        return self._static_cache[1]
+
+    def compiled_decode(self):
+        """The policy's forward compiled once for decode steps (fixed shapes with a static cache)."""
+        if self._compiled_decode is None:
+            # CUDA graphs remove the per-token launch overhead that dominates small-model decoding.
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._compiled_decode = torch.compile(self.policy.forward, mode=mode, dynamic=False)
+        return self._compiled_decode
 
     def decode_responses(self, samples: Samples) -> list[str]:
         # Only the tokens under the mask, without the EOS: text as a reader would see it.

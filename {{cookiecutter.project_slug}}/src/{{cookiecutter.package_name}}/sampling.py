@@ -12,17 +12,23 @@ generate would use, and each token drawn exactly by inverting the cumulative dis
 float64 (one uniform per row). `generate` samples with `torch.multinomial`, which draws an
 exponential per vocabulary entry: on a CPU that was 900 of 1100 ms of a step's sampling at a
 50k vocabulary, where the inverse CDF costs about a softmax.
+
+On a GPU, small models decode at the speed of Python, not of the device. `sample_fast` can
+fill a preallocated static cache instead (every decode step then has the same shapes: the
+attention mask is allocated at the cache's full length, zeros ahead) and run its decode steps
+through a compiled forward (`torch.compile`; CUDA graphs on a GPU). Both are off by default.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import Cache, GenerationConfig, PreTrainedModel, StaticCache
 
 # Generation settings and the value that leaves the policy's distribution untouched.
 NEUTRAL_SETTINGS = {
@@ -150,6 +156,18 @@ def sample_token(logits: Tensor, generator: torch.Generator | None = None) -> Te
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=logits.shape[-1] - 1).squeeze(-1)
 
 
+def static_cache(model: PreTrainedModel, length: int, bucket: int = 64) -> StaticCache:
+    """An empty static KV cache of at least `length` positions, rounded up to a multiple of `bucket`
+    so that batches of slightly different prompt lengths share one compiled decode step."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return StaticCache(config=base.config, max_cache_len=-(-length // bucket) * bucket)
+
+
+def _cache_length(cache: Cache) -> int:
+    # transformers 5 renamed get_max_cache_shape to get_max_length.
+    return cache.get_max_length() if hasattr(cache, "get_max_length") else cache.get_max_cache_shape()
+
+
 def _all_ranks_done(done: Tensor, synced: bool) -> bool:
     if not synced:
         return bool(done.all())
@@ -171,23 +189,41 @@ def sample_fast(
     pad_token_id: int,
     synced_gpus: bool = False,
     return_logits: bool = False,
+    cache: Cache | None = None,
+    decode: Callable[..., Any] | None = None,
 ) -> Samples | tuple[Samples, Tensor]:
     """Draw `samples_per_prompt` responses per prompt with a KV-cache decode loop (adjacent per prompt).
 
-    With `return_logits`, also the [N, R, V] logits each token was drawn from.
+    With `return_logits`, also the [N, R, V] logits each token was drawn from. `cache`: an empty
+    preallocated cache (`static_cache`) of at least P + max_new_tokens positions; None: the
+    model's dynamic cache. `decode`: what runs the decode steps (e.g. a compiled
+    `model.forward`); default: the model.
     """
     ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)  # [N, P]
     mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0).bool()  # [N, P]
-    n = ids.shape[0]
-    attention = mask.long()
-    positions = position_ids(attention)  # [N, P], as generate derives them
+    n, prompt_len = ids.shape
+    positions = position_ids(mask.long())  # [N, P], as generate derives them
     stops = torch.as_tensor(list(stop_ids), device=ids.device)
     # transformers renamed past_key_values to cache (5.x); the loop speaks whichever the model takes.
     # A peft model's forward takes **kwargs and hands them on: ask the model it wraps.
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cache_key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
+    # A preallocated cache gets a mask of its full length, zeros ahead: the same shapes every step.
+    width = prompt_len if cache is None else _cache_length(cache)
+    if cache is not None and width < prompt_len + max_new_tokens:
+        raise ValueError(f"the cache holds {width} positions; prompts and responses need {prompt_len + max_new_tokens}")
+    attention = torch.zeros(n, width, dtype=torch.long, device=ids.device)
+    attention[:, :prompt_len] = mask
+    out = model(
+        input_ids=ids,
+        attention_mask=attention[:, :prompt_len],
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **({} if cache is None else {cache_key: cache}),
+    )
     cache, logits = out[cache_key], out.logits[:, -1]  # [N, V]
+    decode = decode or model
     next_position = positions[:, -1:] + 1  # [N, 1]
     tokens, drawn_from = [], []
     done = torch.zeros(n, dtype=torch.bool, device=ids.device)
@@ -202,8 +238,10 @@ def sample_fast(
         # 8th on an accelerator, where a few extra steps on finished rows cost less than a stall.
         if step == max_new_tokens - 1 or (step % check_every == check_every - 1 and _all_ranks_done(done, synced_gpus)):
             break
-        attention = torch.cat([attention, attention.new_ones(n, 1)], dim=1)  # [N, P + step + 1]
-        out = model(
+        if attention.shape[1] == prompt_len + step:  # a dynamic cache: the mask grows with it
+            attention = torch.cat([attention, attention.new_zeros(n, 1)], dim=1)
+        attention[:, prompt_len + step] = 1
+        out = decode(
             input_ids=token[:, None],
             attention_mask=attention,
             position_ids=next_position,
