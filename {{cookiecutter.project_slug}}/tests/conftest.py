@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +20,22 @@ from transformers import (
 )
 
 from {{ cookiecutter.package_name }}.models import tiny_gpt2
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts (train.py, export.py, ...) as a user would, in a subprocess."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT / "src"), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, str(PROJECT / script), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_kl_evaluation(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`train.py test --config configs/kl_eval.yaml` on the CPU, its run folders under cwd/logs."""
+    kl_eval = ["test", "--config", str(PROJECT / "configs/kl_eval.yaml"), "--trainer.accelerator=cpu"]
+    return run_script("train.py", *kl_eval, "--trainer.logger.init_args.save_dir", str(cwd / "logs"), *args, cwd=cwd)
+
 
 CORPUS = [
     "this movie was great and the acting was wonderful",

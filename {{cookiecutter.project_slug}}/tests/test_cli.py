@@ -2,14 +2,13 @@
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import run_kl_evaluation, run_script
 
 import train
 
@@ -18,15 +17,29 @@ CONFIGS = sorted(p.relative_to(PROJECT) for p in (PROJECT / "configs").rglob("*.
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT / "src"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(
-        [sys.executable, str(PROJECT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_script("train.py", *args, cwd=cwd, timeout=timeout)
+
+
+def hub_stand_ins(hf_checkpoints, prompt_files) -> list[str]:
+    """Every hub name of the IMDB configs replaced by a local folder saved in conftest."""
+    return [
+        "--trainer.accelerator=cpu",
+        "--trainer.log_every_n_steps=1",
+        "--model.init_args.policy",
+        str(hf_checkpoints["gpt2"]),
+        "--model.init_args.reference",
+        str(hf_checkpoints["gpt2"]),
+        "--model.init_args.reward.init_args.name_or_path",
+        str(hf_checkpoints["classifier"]),
+        "--model.init_args.max_new_tokens=8",
+        "--model.init_args.val_samples_per_prompt=2",
+        "--data.source=file",
+        "--data.train_path",
+        str(prompt_files["train"]),
+        "--data.val_path",
+        str(prompt_files["val"]),
+        "--data.batch_size=2",
+    ]
 
 
 def test_fit_runs_the_offline_config_with_fast_dev_run(tmp_path):
@@ -84,31 +97,15 @@ def test_a_bad_option_ends_in_one_sentence_that_names_it(tmp_path, arg, sentence
 
 @pytest.mark.slow
 def test_imdb_config_trains_through_from_pretrained(tmp_path, hf_checkpoints, prompt_files):
-    # The paper config with every hub name replaced by a local folder saved in conftest.
     result = run_cli(
         "fit",
         "--config",
         str(PROJECT / "configs/imdb.yaml"),
-        "--trainer.accelerator=cpu",
+        *hub_stand_ins(hf_checkpoints, prompt_files),
         "--trainer.max_steps=2",
-        "--trainer.log_every_n_steps=1",
         "--trainer.val_check_interval=2",
         "--trainer.logger.init_args.save_dir",
         str(tmp_path / "logs"),
-        "--model.init_args.policy",
-        str(hf_checkpoints["gpt2"]),
-        "--model.init_args.reference",
-        str(hf_checkpoints["gpt2"]),
-        "--model.init_args.reward.init_args.name_or_path",
-        str(hf_checkpoints["classifier"]),
-        "--model.init_args.max_new_tokens=8",
-        "--model.init_args.val_samples_per_prompt=2",
-        "--data.source=file",
-        "--data.train_path",
-        str(prompt_files["train"]),
-        "--data.val_path",
-        str(prompt_files["val"]),
-        "--data.batch_size=2",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -126,27 +123,12 @@ def test_paper_config_trains_with_local_stand_ins(tmp_path, hf_checkpoints, prom
         "fit",
         "--config",
         str(PROJECT / "configs/paper.yaml"),
-        "--trainer.accelerator=cpu",
+        *hub_stand_ins(hf_checkpoints, prompt_files),
         "--trainer.max_steps=8",
-        "--trainer.log_every_n_steps=1",
         "--trainer.val_check_interval=2",
         "--trainer.logger.init_args.save_dir",
         str(tmp_path / "logs"),
-        "--model.init_args.policy",
-        str(hf_checkpoints["gpt2"]),
-        "--model.init_args.reference",
-        str(hf_checkpoints["gpt2"]),
-        "--model.init_args.reward.init_args.name_or_path",
-        str(hf_checkpoints["classifier"]),
-        "--model.init_args.max_new_tokens=8",
-        "--model.init_args.val_samples_per_prompt=2",
         "--model.init_args.lr=1e-3",
-        "--data.source=file",
-        "--data.train_path",
-        str(prompt_files["train"]),
-        "--data.val_path",
-        str(prompt_files["val"]),
-        "--data.batch_size=2",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -184,13 +166,7 @@ def write_prompts(folder: Path, count: int) -> Path:
 
 @pytest.mark.slow
 def test_kl_evaluation_writes_the_report(tmp_path):
-    result = run_cli(
-        "test",
-        "--config",
-        str(PROJECT / "configs/kl_eval.yaml"),
-        "--trainer.accelerator=cpu",
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path / "logs"),
+    result = run_kl_evaluation(
         "--data.test_path",
         str(write_prompts(tmp_path, 5)),
         "--model.init_args.test_samples_per_prompt=4",

@@ -2,15 +2,12 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import save_tiny_gpt2
+from conftest import run_kl_evaluation, run_script, save_tiny_gpt2
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from {{ cookiecutter.package_name }}.data import PromptDataModule
@@ -18,7 +15,6 @@ from {{ cookiecutter.package_name }}.models import load_causal_lm
 from {{ cookiecutter.package_name }}.module import RBKLModule
 from {{ cookiecutter.package_name }}.rewards import KeywordReward
 
-PROJECT = Path(__file__).resolve().parents[1]
 LORA = {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc", "lm_head"]}
 
 
@@ -91,14 +87,7 @@ def test_export_writes_a_folder_that_from_pretrained_loads(tiny_trainer, tmp_pat
     module = RBKLModule(reward=KeywordReward(["good"]), lora=lora, lr=3e-2)
     trainer = train(tiny_trainer, module, steps=2)
     trainer.save_checkpoint(tmp_path / "run.ckpt")
-    env = {**os.environ, "PYTHONPATH": str(PROJECT / "src")}
-    result = subprocess.run(
-        [sys.executable, str(PROJECT / "export.py"), str(tmp_path / "run.ckpt"), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    result = run_script("export.py", str(tmp_path / "run.ckpt"), str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert not hasattr(exported, "peft_config"), "a plain model: the adapter is merged"
@@ -111,27 +100,13 @@ def test_export_writes_a_folder_that_from_pretrained_loads(tiny_trainer, tmp_pat
     if lora is None:
         return
     # The KL evaluation reads the exported folder like any hub model: trained policy vs its base.
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(PROJECT / "train.py"),
-            "test",
-            "--config",
-            str(PROJECT / "configs/kl_eval.yaml"),
-            "--trainer.accelerator=cpu",
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "logs"),
-            "--model.init_args.policy",
-            str(tmp_path / "out"),
-            "--model.init_args.reference=builtin:tiny-gpt2",
-            "--model.init_args.test_samples_per_prompt=2",
-            "--model.init_args.max_new_tokens=4",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
+    result = run_kl_evaluation(
+        "--model.init_args.policy",
+        str(tmp_path / "out"),
+        "--model.init_args.reference=builtin:tiny-gpt2",
+        "--model.init_args.test_samples_per_prompt=2",
+        "--model.init_args.max_new_tokens=4",
         cwd=tmp_path,
-        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(next((tmp_path / "logs").rglob("kl_report.json")).read_text())
@@ -139,13 +114,7 @@ def test_export_writes_a_folder_that_from_pretrained_loads(tiny_trainer, tmp_pat
 
 
 def test_export_refuses_a_missing_checkpoint_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(PROJECT / "export.py"), str(tmp_path / "nope.ckpt"), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(PROJECT / "src")},
-        timeout=120,
-    )
+    result = run_script("export.py", str(tmp_path / "nope.ckpt"), str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.ckpt'}: no such checkpoint file"
 
