@@ -30,8 +30,15 @@ def ddp_run(tmp_path_factory) -> Path:
         "--trainer.accelerator=cpu",
         "--trainer.devices=2",
         "--trainer.strategy.init_args.timeout=0:01:30",  # a hang becomes a failure
-        "--trainer.max_steps=4",
-        "--data.epoch_repeats=1",  # 16 prompts / (8 per device x 2) = 1 step an epoch: 4 validations
+        # Every update path at once: 2 epochs x 2 minibatches, each in 2 micro-batches (only the
+        # last one's backward all-reduces), clipped: 4 optimizer steps per batch.
+        "--model.init_args.ppo_epochs=2",
+        "--model.init_args.minibatches=2",
+        "--model.init_args.micro_batches=2",
+        "--model.init_args.clip_range=0.2",
+        "--model.init_args.gradient_clip_val=1.0",
+        "--trainer.max_steps=16",
+        "--data.epoch_repeats=1",  # 16 prompts / (8 per device x 2) = 1 batch an epoch: 4 validations
         "--trainer.callbacks+=ddp_probe.RankProbe",
         f"--trainer.callbacks.out_dir={tmp / 'probe'}",
     ]
@@ -71,7 +78,7 @@ def test_plots_and_checkpoints_are_written_once(ddp_run):
     pngs = sorted(p.name for p in (runs[0] / "plots").glob("reward_vs_kl_epoch*.png"))
     assert pngs == [f"reward_vs_kl_epoch{e:03d}.png" for e in range(4)]
     checkpoints = sorted(p.name for p in ddp_run.rglob("*.ckpt"))
-    assert checkpoints == ["epoch=3-step=4.ckpt", "last.ckpt"], "one of each, written by rank 0 only"
+    assert checkpoints == ["epoch=3-step=16.ckpt", "last.ckpt"], "one of each, written by rank 0 only"
 
 
 def _generation_worker(rank: int, port: int, synced: bool, sampler: str, out_dir: str) -> None:

@@ -21,6 +21,7 @@ Subclass it for new tasks: override `score` (rewards), `encode_prompts` (prompt 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
@@ -518,12 +519,16 @@ class RBKLModule(L.LightningModule):
     def update(self, rollout: Rollout, prompts: Tensor, old_logp: Tensor | None) -> list[StepOutput]:
         """One optimizer step on the groups of `prompts`, backward in `micro_batches` pieces."""
         optimizer, h = self.optimizers(), self.hparams
-        outputs = []
-        for piece in (p for p in prompts.tensor_split(h.micro_batches) if len(p)):
-            part = rollout.select(piece)
-            out = self.model_step(part, old_logp=None if old_logp is None else old_logp[rollout.rows(piece)])
-            # Each piece weighs by its share of samples: the sum is the minibatch's mean loss.
-            self.manual_backward(out.loss.loss * (len(piece) / len(prompts)))
+        outputs, pieces = [], [p for p in prompts.tensor_split(h.micro_batches) if len(p)]
+        for i, piece in enumerate(pieces):
+            # Under DDP only the last piece's backward all-reduces; the others accumulate locally.
+            last = i == len(pieces) - 1
+            block_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
+            with contextlib.nullcontext() if last or block_sync is None else block_sync():
+                part = rollout.select(piece)
+                out = self.model_step(part, old_logp=None if old_logp is None else old_logp[rollout.rows(piece)])
+                # Each piece weighs by its share of samples: the sum is the minibatch's mean loss.
+                self.manual_backward(out.loss.loss * (len(piece) / len(prompts)))
             outputs.append(out)
         if h.gradient_clip_val is not None:
             self.clip_policy_gradients(optimizer, h.gradient_clip_val)
