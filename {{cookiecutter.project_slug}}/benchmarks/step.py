@@ -78,7 +78,8 @@ class PeakMemory:
         raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def build_module(shape: str, dtype: str, folder: Path, device: torch.device) -> RBKLModule:
+def build_module(shape: str, dtype: str, folder: Path, device: torch.device, **settings) -> RBKLModule:
+    """A random GPT-2 of `shape`, saved and loaded back as a policy; `settings` go to RBKLModule."""
     config = GPT2Config(vocab_size=VOCAB, n_positions=128, **SHAPES[shape], eos_token_id=0, bos_token_id=0)
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(folder)  # loaded back through from_pretrained, as in training
@@ -90,6 +91,7 @@ def build_module(shape: str, dtype: str, folder: Path, device: torch.device) -> 
         max_new_tokens=RESPONSE_LEN,
         dtype=dtype,
         lr=1e-6,
+        **settings,
     )
     return module.to(device)
 

@@ -27,15 +27,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
-from step import RESPONSES, SHAPES, VOCAB, K, PeakMemory, fixed_rollout, fixed_samples
+from step import RESPONSES, SHAPES, K, PeakMemory, build_module, fixed_rollout, fixed_samples
 from torch.utils.data import DataLoader
-from transformers import GPT2Config, GPT2LMHeadModel
-
-from {{ cookiecutter.package_name }}.module import RBKLModule
-from {{ cookiecutter.package_name }}.rewards import KeywordReward
 
 SETTINGS = {
     "full-ppo1": {},
@@ -59,18 +56,7 @@ class BatchTimes(L.Callback):
 def child(setting: str, shape: str, batches: int) -> dict:
     device = torch.device("cpu")
     with tempfile.TemporaryDirectory() as folder, PeakMemory(device) as peak:
-        config = GPT2Config(vocab_size=VOCAB, n_positions=128, **SHAPES[shape], eos_token_id=0, bos_token_id=0)
-        torch.manual_seed(0)
-        GPT2LMHeadModel(config).save_pretrained(folder)
-        module = RBKLModule(
-            policy=folder,
-            tokenizer="builtin:tiny-gpt2",  # only ids matter here
-            reward=KeywordReward(["good"]),
-            samples_per_prompt=K,
-            max_new_tokens=64,
-            lr=1e-6,
-            **SETTINGS[setting],
-        )
+        module = build_module(shape, "float32", Path(folder), device, **SETTINGS[setting])
         rollout = fixed_rollout(fixed_samples(device))
         module.rollout = lambda prompts, k: rollout  # the same responses every batch, no sampling
         times = BatchTimes()

@@ -114,6 +114,11 @@ def compare(
     return summary
 
 
+def point_label(point: dict, sep: str = ", ") -> str:
+    """'beta=0.02, kl_gradient=rb' for a grid point {'model.init_args.beta': '0.02', ...}."""
+    return sep.join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())
+
+
 def frontier_share(points: Sequence[tuple[float, float]], groups: Sequence[str]) -> dict[str, float]:
     """Share of the frontier's points per group (every group present, 0 when it has none there)."""
     frontier = pareto_frontier(points)
@@ -146,7 +151,7 @@ def sweep_summary(
             skipped.append({"run": rid, "reason": str(err)})
             continue
         point = dict(run["point"])
-        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())
+        label = point_label(point)
         estimator = str(point.get(ESTIMATOR_KEY, loaded["kl_gradient"]))
         by_point.setdefault(label, []).append({**loaded, "seed": run["seed"], "estimator": estimator, "point": point})
     if not by_point:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .models import apply_lora, load_causal_lm, load_tokenizer
+from .models import build_policy, load_tokenizer, trained_weight_names
 
 
 def load_policy(checkpoint: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
@@ -25,16 +25,14 @@ def load_policy(checkpoint: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     h = saved.get("hyper_parameters", {})
     if "policy" not in h:
         raise ValueError(f"{checkpoint} was not written by RBKLModule: its hyperparameters name no policy")
-    policy = load_causal_lm(h["policy"], h.get("dtype", "float32"), h.get("trust_remote_code", False))
-    if h.get("lora") is not None:
-        policy = apply_lora(policy, h["lora"])
+    lora = h.get("lora")
+    policy = build_policy(h["policy"], h.get("dtype", "float32"), h.get("trust_remote_code", False), lora)
     weights = {k.removeprefix("policy."): v for k, v in saved["state_dict"].items() if k.startswith("policy.")}
     missing, _ = policy.load_state_dict(weights, strict=False)
-    # Checkpoints hold the trained weights only (with LoRA: the adapter's).
-    lacking = sorted({n for n, p in policy.named_parameters() if p.requires_grad} & set(missing))
+    lacking = sorted(set(trained_weight_names(policy, lora is not None)) & set(missing))
     if lacking:
         raise ValueError(f"{checkpoint} lacks {len(lacking)} of the policy's trained weights (e.g. {lacking[0]!r})")
-    if h.get("lora") is not None:
+    if lora is not None:
         untie_adapted_output_embeddings(policy.get_base_model())
         policy = policy.merge_and_unload()
     tokenizer = load_tokenizer(h.get("tokenizer") or h["policy"], h.get("trust_remote_code", False))

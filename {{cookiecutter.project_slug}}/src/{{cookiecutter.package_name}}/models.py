@@ -109,6 +109,22 @@ def freeze(model: nn.Module) -> nn.Module:
 LORA_SETTINGS = ("r", "alpha", "target_modules", "dropout")
 
 
+def build_policy(
+    name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, lora: dict[str, Any] | None = None
+) -> nn.Module:
+    """The policy as training uses it: loaded, dropout off, wrapped in a LoRA adapter when asked."""
+    policy = load_causal_lm(name_or_path, dtype, trust_remote_code)
+    disable_dropout(policy)
+    return policy if lora is None else apply_lora(policy, lora)
+
+
+def trained_weight_names(policy: nn.Module, lora: bool) -> list[str]:
+    """The policy's state-dict keys a checkpoint holds: all of them, or with LoRA only the adapter's."""
+    if not lora:
+        return list(policy.state_dict())
+    return [name for name, p in policy.named_parameters() if p.requires_grad]
+
+
 def apply_lora(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
     """Wrap `model` in a peft LoRA adapter: only the adapter trains; the adapter off is the base model.
 

@@ -35,7 +35,14 @@ from torch import Tensor, nn
 
 from .estimators import LOGGED_ESTIMATORS, all_kl_values, masked_token_stats
 from .metrics import STAGES, EstimatorStudy, kl_key, reward_key
-from .models import apply_lora, check_same_vocabulary, disable_dropout, freeze, load_causal_lm, load_tokenizer
+from .models import (
+    build_policy,
+    check_same_vocabulary,
+    freeze,
+    load_causal_lm,
+    load_tokenizer,
+    trained_weight_names,
+)
 from .objective import LossParts, Objective, rloo_kl_loss
 from .rewards import Reward, check_rewards
 from .sampling import Samples, position_ids, sample_fast, sample_responses, sampling_config, static_cache
@@ -185,10 +192,7 @@ class RBKLModule(L.LightningModule):
         self.tokenizer = load_tokenizer(tokenizer or policy, trust_remote_code)
         if chat_template and not self.tokenizer.chat_template:
             raise ValueError(f"chat_template is set but the tokenizer of {tokenizer or policy!r} has no chat template")
-        self.policy = load_causal_lm(policy, dtype, trust_remote_code)
-        disable_dropout(self.policy)
-        if lora is not None:
-            self.policy = apply_lora(self.policy, lora)
+        self.policy = build_policy(policy, dtype, trust_remote_code, lora)
         # With LoRA and no reference named, the reference is the policy with its adapter off.
         shared = lora is not None and reference is None
         self.reference = None if shared else freeze(load_causal_lm(reference or policy, dtype, trust_remote_code))
@@ -234,7 +238,7 @@ class RBKLModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Loading is not strict (the reference is left out on purpose), so a checkpoint that lacks
         # policy weights would otherwise load silently and train from the initial weights.
-        missing = [k for k in self.trained_weight_names() if k not in checkpoint["state_dict"]]
+        missing = [k for k in self.checkpointed_keys() if k not in checkpoint["state_dict"]]
         if missing:
             raise ValueError(
                 f"the checkpoint lacks {len(missing)} of the policy's weights (e.g. {missing[0]!r}): it was not "
@@ -257,15 +261,13 @@ class RBKLModule(L.LightningModule):
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
-        state, kept = checkpoint["state_dict"], set(self.trained_weight_names())
+        state, kept = checkpoint["state_dict"], set(self.checkpointed_keys())
         for key in [k for k in state if k not in kept]:
             del state[key]
 
-    def trained_weight_names(self) -> list[str]:
+    def checkpointed_keys(self) -> list[str]:
         """The state-dict keys a checkpoint holds: the policy's (with LoRA, only the adapter's)."""
-        if self.hparams.lora is None:
-            return [k for k in self.state_dict() if k.startswith("policy.")]
-        return [f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad]
+        return [f"policy.{name}" for name in trained_weight_names(self.policy, self.hparams.lora is not None)]
 
     # -- data flow -----------------------------------------------------------------------------
 
@@ -493,9 +495,10 @@ class RBKLModule(L.LightningModule):
         if self.updates_per_batch == 1:
             # The one update runs at the sampling weights: its statistics are the batch's (rho = 1).
             outputs = self.update(rollout, torch.arange(len(rollout.prompts)), None)
-            stats = TokenStats(*(torch.cat([getattr(o.stats, f).detach() for o in outputs]) for f in TOKEN_FIELDS))
-            values = outputs[0].values if len(outputs) == 1 else all_kl_values(stats, mask, rollout.group_size)
-            sampled = StepOutput(stats, values, None)
+            sampled = outputs[0]
+            if len(outputs) > 1:  # micro-batches: the pieces' statistics joined, estimates over the whole batch
+                stats = TokenStats(*(torch.cat([getattr(o.stats, f).detach() for o in outputs]) for f in TOKEN_FIELDS))
+                sampled = StepOutput(stats, all_kl_values(stats, mask, rollout.group_size), None)
         else:
             # Statistics of the policy that sampled, and its log-probs for the importance ratios.
             with torch.no_grad():
@@ -520,11 +523,10 @@ class RBKLModule(L.LightningModule):
         """One optimizer step on the groups of `prompts`, backward in `micro_batches` pieces."""
         optimizer, h = self.optimizers(), self.hparams
         outputs, pieces = [], [p for p in prompts.tensor_split(h.micro_batches) if len(p)]
+        # Under DDP only the last piece's backward all-reduces; the others accumulate locally.
+        block_sync = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)
         for i, piece in enumerate(pieces):
-            # Under DDP only the last piece's backward all-reduces; the others accumulate locally.
-            last = i == len(pieces) - 1
-            block_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
-            with contextlib.nullcontext() if last or block_sync is None else block_sync():
+            with contextlib.nullcontext() if i == len(pieces) - 1 else block_sync():
                 part = rollout.select(piece)
                 out = self.model_step(part, old_logp=None if old_logp is None else old_logp[rollout.rows(piece)])
                 # Each piece weighs by its share of samples: the sum is the minibatch's mean loss.

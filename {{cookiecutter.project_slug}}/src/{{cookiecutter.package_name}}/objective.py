@@ -90,11 +90,6 @@ class Objective:
             raise ValueError(f"clip_range must be > 0 (or None for no clipping), got {self.clip_range}")
 
     @property
-    def kl_estimator(self) -> str:
-        """The estimator whose gradient the loss uses."""
-        return self.kl_gradient if self.kl_placement == "loss" else self.reward_kl_estimator
-
-    @property
     def needs_kl_grad(self) -> bool:
         """Whether the per-token KL must be differentiable (the rb pathwise term is in the loss)."""
         if self.kl_placement == "loss":
@@ -107,7 +102,6 @@ class LossParts:
     loss: Tensor  # scalar to backpropagate: per_sample.mean()
     per_sample: Tensor  # [N] each sample's term (an exact-expectation test weighs these)
     policy_gradient: Tensor  # scalar, the advantage part of the loss (detached)
-    kl_penalty: Tensor  # scalar, the KL terms outside the advantage (detached)
     advantage: Tensor  # [N] detached
     clip_fraction: Tensor  # scalar, share of samples whose advantage term is clipped
 
@@ -156,7 +150,6 @@ def rloo_kl_loss(
         loss=per_sample.mean(),
         per_sample=per_sample,
         policy_gradient=policy_gradient.detach().mean(),
-        kl_penalty=kl_part.detach().mean(),
         advantage=advantage,
         clip_fraction=clipped.float().mean(),
     )

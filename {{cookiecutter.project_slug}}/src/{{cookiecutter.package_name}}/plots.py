@@ -210,10 +210,8 @@ def sweep_pareto(grid_points: Sequence[Mapping]) -> Figure:
         ax.errorbar(
             [p["kl_mean"] for p in mine],
             [p["reward_mean"] for p in mine],
-            xerr=[_half_widths(p["kl_mean"], p["kl_ci95"]) for p in mine] if all(p["kl_ci95"] for p in mine) else None,
-            yerr=[_half_widths(p["reward_mean"], p["reward_ci95"]) for p in mine]
-            if all(p["reward_ci95"] for p in mine)
-            else None,
+            xerr=[_half_width(p["kl_ci95"]) for p in mine] if all(p["kl_ci95"] for p in mine) else None,
+            yerr=[_half_width(p["reward_ci95"]) for p in mine] if all(p["reward_ci95"] for p in mine) else None,
             fmt="o",
             capsize=3,
             color=COLORS.get(group),
@@ -228,5 +226,5 @@ def sweep_pareto(grid_points: Sequence[Mapping]) -> Figure:
     )
 
 
-def _half_widths(mean: float, ci: Sequence[float]) -> float:
+def _half_width(ci: Sequence[float]) -> float:
     return (ci[1] - ci[0]) / 2

@@ -156,11 +156,15 @@ def sample_token(logits: Tensor, generator: torch.Generator | None = None) -> Te
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=logits.shape[-1] - 1).squeeze(-1)
 
 
+def _unwrapped(model: PreTrainedModel) -> PreTrainedModel:
+    # A peft model's forward takes **kwargs and hands them on; its config is the wrapped model's.
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def static_cache(model: PreTrainedModel, length: int, bucket: int = 64) -> StaticCache:
     """An empty static KV cache of at least `length` positions, rounded up to a multiple of `bucket`
     so that batches of slightly different prompt lengths share one compiled decode step."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return StaticCache(config=base.config, max_cache_len=-(-length // bucket) * bucket)
+    return StaticCache(config=_unwrapped(model).config, max_cache_len=-(-length // bucket) * bucket)
 
 
 def _cache_length(cache: Cache) -> int:
@@ -205,9 +209,7 @@ def sample_fast(
     positions = position_ids(mask.long())  # [N, P], as generate derives them
     stops = torch.as_tensor(list(stop_ids), device=ids.device)
     # transformers renamed past_key_values to cache (5.x); the loop speaks whichever the model takes.
-    # A peft model's forward takes **kwargs and hands them on: ask the model it wraps.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cache_key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    cache_key = "cache" if "cache" in inspect.signature(_unwrapped(model).forward).parameters else "past_key_values"
     # A preallocated cache gets a mask of its full length, zeros ahead: the same shapes every step.
     width = prompt_len if cache is None else _cache_length(cache)
     if cache is not None and width < prompt_len + max_new_tokens:

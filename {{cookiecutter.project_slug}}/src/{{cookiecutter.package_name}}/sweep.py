@@ -62,7 +62,7 @@ def parse_grid(specs: list[str]) -> dict[str, list[str]]:
 
 def run_id(point: dict[str, str], seed: int) -> str:
     """'beta=0.02,kl_gradient=rb,seed=0': the last part of each key, readable in a folder name."""
-    return ",".join([*(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items()), f"seed={seed}"])
+    return compare_runs.point_label({**point, "seed": seed}, sep=",")
 
 
 def flat_keys(config: dict, prefix: str = "") -> set[str]:
@@ -130,16 +130,27 @@ def command(train: Path, config: Path, point: dict, seed: int, passthrough: list
 
 
 class SweepRun:
-    """One run as a submitit job: `train.py fit` in a subprocess; requeued from last.ckpt on timeout."""
+    """One run of the sweep: `train.py fit` in a subprocess; as a submitit job, requeued from last.ckpt."""
 
-    def __init__(self, train: Path, config: Path, point: dict, seed: int, passthrough: list[str], sweep_dir: Path):
+    def __init__(
+        self,
+        train: Path,
+        config: Path,
+        point: dict,
+        seed: int,
+        passthrough: list[str],
+        sweep_dir: Path,
+        submitit: bool = False,
+    ):
         self.args = (train, config, point, seed, passthrough, sweep_dir)
+        self.submitit = submitit  # submitted as a job: submitit requeues it, not Lightning
         self.process: subprocess.Popen | None = None
 
     def __call__(self) -> int:
+        """Run to the end; the exit code. Its output goes to `<sweep>/<run id>.log`."""
         # Built when the job starts, so a requeued job finds the last.ckpt of its first attempt.
         cmd = command(*self.args)
-        if os.environ.get("SLURM_JOB_ID"):  # on the cluster: submitit requeues, not Lightning
+        if self.submitit and os.environ.get("SLURM_JOB_ID"):  # on the cluster: submitit requeues, not Lightning
             cmd += [f"--trainer.plugins={json.dumps(NO_LIGHTNING_REQUEUE)}"]
         log = self.args[-1] / f"{run_id(self.args[2], self.args[3])}.log"
         with open(log, "a") as out:
@@ -224,7 +235,7 @@ def main(argv: list[str] | None = None, train: Path = Path("train.py")) -> int:
     save_manifest(sweep_dir, manifest)
     print(f"{len(manifest['runs'])} runs in {sweep_dir}: {len(todo)} to run, {len(manifest['runs']) - len(todo)} done")
     if args.launcher == "slurm":
-        runs = [SweepRun(train, config, point, seed, passthrough, sweep_dir) for _, point, seed in todo]
+        runs = [SweepRun(train, config, point, seed, passthrough, sweep_dir, submitit=True) for _, point, seed in todo]
         jobs = submit_slurm(runs, sweep_dir, args, int(devices))
         for (rid, _, _), job in zip(todo, jobs, strict=True):
             manifest["runs"][rid].update(status="submitted", job_id=str(job.job_id))
@@ -240,15 +251,12 @@ def main(argv: list[str] | None = None, train: Path = Path("train.py")) -> int:
 
     with Progress() as progress, ThreadPoolExecutor(max_workers=args.parallel) as pool:
         task = progress.add_task("runs", total=len(todo))
-        futures = {}
-        for rid, point, seed in todo:
-            cmd = command(train, config, point, seed, passthrough, sweep_dir)
-            log = open(sweep_dir / f"{rid}.log", "a")  # closed when its run ends, below
-            futures[pool.submit(subprocess.run, cmd, stdout=log, stderr=subprocess.STDOUT)] = (rid, log)
+        futures = {
+            pool.submit(SweepRun(train, config, point, seed, passthrough, sweep_dir)): rid for rid, point, seed in todo
+        }
         for future in as_completed(futures):
-            rid, log = futures[future]
-            log.close()
-            code = future.result().returncode
+            rid = futures[future]
+            code = future.result()
             manifest["runs"][rid].update(status="finished" if code == 0 else "failed", returncode=code)
             save_manifest(sweep_dir, manifest)
             if code != 0:
