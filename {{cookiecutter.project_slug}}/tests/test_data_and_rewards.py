@@ -134,7 +134,7 @@ def test_words_outside_the_vocabulary_are_named_once():
     from {{ cookiecutter.package_name }}.module import RBKLModule
 
     with pytest.warns(UserWarning, match=r"2 word\(s\) .* read as <unk>: 'qwzx', 'zzyzx'") as record:
-        RBKLModule().warn_unknown_words(["the camera qwzx", "zzyzx film", "the movie"])
+        RBKLModule().prompt_encoder.warn_unknown_words(["the camera qwzx", "zzyzx film", "the movie"])
     assert len(record) == 1
 
 

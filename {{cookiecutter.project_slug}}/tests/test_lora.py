@@ -166,7 +166,7 @@ def test_chat_template_formats_prompts_and_any_stop_id_ends_a_response(instruct_
         return token
 
     monkeypatch.setattr(sampling, "sample_token", planted)
-    samples = module.sample(["the story is"], 2)
+    samples = module.rollout(["the story is"], 2).samples
     assert samples.response[0, 2] == end
     assert samples.response_mask[0].tolist()[:4] == [True, True, True, False]
     assert (samples.response[0, 3:] == module.tokenizer.pad_token_id).all()

@@ -29,7 +29,7 @@ def test_generate_scores_equal_the_training_forward_on_a_left_padded_batch(modul
     # Trap 1: with our settings no processor touches the distribution.
     torch.testing.assert_close(processed, raw)
     # Trap 3: the training forward reproduces the sampling logits at every real position.
-    logits = module.response_logits(module.policy, samples)
+    logits = module.pair.response_logits(module.policy, samples)
     m = samples.response_mask
     torch.testing.assert_close(logits[m], raw[m], rtol=1e-4, atol=1e-4)
     # Without explicit position ids the left-padded rows are wrong: the check can fail.
@@ -196,7 +196,7 @@ def test_fast_sampler_logits_equal_the_training_forward_on_a_left_padded_batch(m
     samples, drawn_from = sample_fast(
         module.policy, ids, mask, 2, 6, module.stop_ids, module.tokenizer.pad_token_id, return_logits=True
     )
-    logits = module.response_logits(module.policy, samples)
+    logits = module.pair.response_logits(module.policy, samples)
     m = samples.response_mask
     torch.testing.assert_close(logits[m], drawn_from[m], rtol=1e-4, atol=1e-4)
 
@@ -228,7 +228,7 @@ def test_static_cache_logits_equal_the_training_forward_batch_after_batch(compil
     caches = []
     for prompts in (PROMPTS, PROMPTS[::-1]):  # the second batch resets and reuses the first one's cache
         ids, mask = module.encode_prompts(prompts)
-        caches.append(module.static_cache(2 * len(prompts), ids.shape[1] + 6))
+        caches.append(module.sampler.static_cache(2 * len(prompts), ids.shape[1] + 6, module.device))
         torch.manual_seed(0)
         samples, drawn_from = sample_fast(
             module.policy,
@@ -242,11 +242,11 @@ def test_static_cache_logits_equal_the_training_forward_batch_after_batch(compil
             cache=caches[-1],
             decode=decode,
         )
-        logits = module.response_logits(module.policy, samples)
+        logits = module.pair.response_logits(module.policy, samples)
         m = samples.response_mask
         torch.testing.assert_close(logits[m], drawn_from[m], rtol=1e-4, atol=1e-4)
     assert caches[0] is caches[1]
-    assert module.sample(PROMPTS, 2).response.shape == (6, 6)  # the module's own path
+    assert module.rollout(PROMPTS, 2).samples.response.shape == (6, 6)  # the module's own path
 
 
 @pytest.mark.parametrize(

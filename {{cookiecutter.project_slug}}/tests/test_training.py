@@ -148,24 +148,29 @@ def test_training_resumes_from_the_last_checkpoint(tmp_path):
     assert [h["epoch"] for h in plot.history] == [0.0, 1.0], "the plot history survives the resume"
 
 
-class LogitsRecorder(RBKLModule):
-    """Keeps a copy of every logits tensor the training forward produced (policy, then reference)."""
+class RolloutRecorder(RBKLModule):
+    """Keeps every rollout, as a subclass that inspects its samples would."""
 
-    def response_logits(self, model, samples):
-        logits = super().response_logits(model, samples)
-        self.recorded.append((logits.detach().clone(), samples.response, samples.response_mask))
-        return logits
+    def rollout(self, prompts, k):
+        rollout = super().rollout(prompts, k)
+        self.rollouts.append(rollout)
+        return rollout
 
 
 def test_bf16_mixed_step_logs_the_rb_kl_of_its_own_logits(tiny_trainer):
     # Under bf16 autocast the LM heads return bf16 logits; the KL computed from them must be the
     # float32 KL of those very logits, not a bf16 rounding of its large cancelling terms.
-    module = LogitsRecorder(reward=KeywordReward(["good"]), samples_per_prompt=4)
-    module.recorded = []
+    module = RolloutRecorder(reward=KeywordReward(["good"]), samples_per_prompt=4)
+    module.rollouts, heads = [], []
+    for model in (module.policy, module.reference):
+        model.lm_head.register_forward_hook(lambda head, args, out: heads.append(out.detach().clone()))
     with torch.no_grad():  # a reference away from the policy, so the KL is not 0
         module.reference.transformer.ln_f.bias.add_(3.0)
     trainer = fit(tiny_trainer, module, steps=1, enable_checkpointing=False, precision="bf16-mixed")
-    (policy, tokens, mask), (ref, _, _) = module.recorded[:2]
+    samples = module.rollouts[0].samples
+    tokens, mask = samples.response, samples.response_mask
+    policy, ref = heads[-2:]  # after sampling: the training forward of the policy, then the reference's
+    assert policy.shape[:2] == tokens.shape and ref.shape == policy.shape
     assert policy.dtype == torch.bfloat16, "autocast was on: the LM head ran in bf16"
     stats = token_stats(policy.float(), ref.float(), tokens.masked_fill(~mask, 0), kl_grad=False)
     per_sample = (stats.kl * mask).sum(-1).double()  # [N]

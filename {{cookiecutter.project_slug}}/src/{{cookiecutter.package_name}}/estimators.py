@@ -155,7 +155,7 @@ def cross_fitted_alpha(f: Tensor, g: Tensor, group_size: int) -> Tensor:
 
 def all_kl_values(stats: TokenStats, mask: Tensor, group_size: int) -> dict[str, Tensor]:
     """Every value estimator on the same samples (detached), plus cv with a cross-fitted alpha."""
-    stats = TokenStats(*(t.detach() for t in (stats.logp, stats.logq, stats.kl, stats.entropy)))
+    stats = stats.detach()
     values = {name: kl_values(stats, mask, name) for name in VALUE_ESTIMATORS}
     f = values["mc"]
     values["cv_opt"] = kl_values(stats, mask, "cv", alpha=cross_fitted_alpha(f, torch.expm1(-f), group_size))

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .models import build_policy, load_tokenizer, trained_weight_names
+from .options import LoRA, as_group
 
 
 def load_policy(checkpoint: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
@@ -25,7 +26,7 @@ def load_policy(checkpoint: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     h = saved.get("hyper_parameters", {})
     if "policy" not in h:
         raise ValueError(f"{checkpoint} was not written by RBKLModule: its hyperparameters name no policy")
-    lora = h.get("lora")
+    lora = None if h.get("lora") is None else as_group(LoRA, h["lora"], "lora")
     policy = build_policy(h["policy"], h.get("dtype", "float32"), h.get("trust_remote_code", False), lora)
     weights = {k.removeprefix("policy."): v for k, v in saved["state_dict"].items() if k.startswith("policy.")}
     missing, _ = policy.load_state_dict(weights, strict=False)

@@ -8,12 +8,11 @@ so the offline default trains with no download at all.
 from __future__ import annotations
 
 import warnings
-from typing import Any
-
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
+from .options import LoRA
 from .vocabulary import builtin_tokenizer
 
 BUILTIN_PREFIX = "builtin:"
@@ -106,11 +105,8 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-LORA_SETTINGS = ("r", "alpha", "target_modules", "dropout")
-
-
 def build_policy(
-    name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, lora: dict[str, Any] | None = None
+    name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, lora: LoRA | None = None
 ) -> nn.Module:
     """The policy as training uses it: loaded, dropout off, wrapped in a LoRA adapter when asked."""
     policy = load_causal_lm(name_or_path, dtype, trust_remote_code)
@@ -125,29 +121,14 @@ def trained_weight_names(policy: nn.Module, lora: bool) -> list[str]:
     return [name for name, p in policy.named_parameters() if p.requires_grad]
 
 
-def apply_lora(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
-    """Wrap `model` in a peft LoRA adapter: only the adapter trains; the adapter off is the base model.
-
-    settings: r (rank, default 8), alpha (scale numerator, default 2 r), target_modules (names
-    of the layers to adapt; default: peft's choice for the architecture), dropout (must be 0).
-    """
-    unknown = sorted(set(settings) - set(LORA_SETTINGS))
-    if unknown:
-        raise ValueError(f"unknown lora setting(s) {', '.join(unknown)}; valid ones are {', '.join(LORA_SETTINGS)}")
-    if settings.get("dropout", 0.0) != 0:
-        # Dropout would make the training forward disagree with the sampling one (docs/estimators.md §6.2).
-        raise ValueError(
-            f"lora dropout must be 0: the KL estimators need the sampling distribution, got {settings['dropout']}"
-        )
-    r = int(settings.get("r", 8))
-    if r < 1:
-        raise ValueError(f"lora r must be >= 1, got {r}")
+def apply_lora(model: nn.Module, settings: LoRA) -> nn.Module:
+    """Wrap `model` in a peft LoRA adapter: only the adapter trains; the adapter off is the base model."""
     from peft import LoraConfig, get_peft_model
 
-    targets = settings.get("target_modules")
+    targets = settings.target_modules
     config = LoraConfig(
-        r=r,
-        lora_alpha=settings.get("alpha", 2 * r),
+        r=settings.r,
+        lora_alpha=2 * settings.r if settings.alpha is None else settings.alpha,
         target_modules=list(targets) if isinstance(targets, list | tuple) else targets,
         lora_dropout=0.0,
         task_type="CAUSAL_LM",

@@ -31,16 +31,23 @@ Variants (each an option of `Objective`):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-from .estimators import GRADIENT_ESTIMATORS, check_estimator, kl_surrogate, kl_to_go, kl_values
+from .estimators import GRADIENT_ESTIMATORS, all_kl_values, check_estimator, kl_surrogate, kl_to_go, kl_values
 from .token_stats import TokenStats
 
-KL_PLACEMENTS = ("loss", "reward")
-REWARD_KL_ESTIMATORS = ("mc", "k3", "cv", "rb")
-ADVANTAGES = ("rloo", "grpo")
+GradientEstimator = Literal["rb", "mc"]
+KLPlacement = Literal["loss", "reward"]
+RewardKLEstimator = Literal["mc", "k3", "cv", "rb"]
+Advantage = Literal["rloo", "grpo"]
+KL_PLACEMENTS, REWARD_KL_ESTIMATORS, ADVANTAGES = (
+    get_args(KLPlacement),
+    get_args(RewardKLEstimator),
+    get_args(Advantage),
+)
 GRPO_EPS = 1e-4  # as TRL's GRPO: a group of equal rewards gets advantage 0, not 0/0
 
 
@@ -67,14 +74,27 @@ def group_advantage(values: Tensor, k: int, kind: str = "rloo") -> Tensor:
 
 @dataclass(frozen=True)
 class Objective:
-    """How the loss combines reward and KL; the defaults are on-policy RLOO with the KL in the loss."""
+    """How the loss combines reward and KL; the defaults are on-policy RLOO with the KL in the loss.
 
-    beta: float
-    kl_gradient: str = "rb"  # kl_placement "loss": the KL gradient estimator, mc or rb
-    kl_placement: str = "loss"
-    reward_kl_estimator: str = "rb"  # kl_placement "reward": the per-sample KL value in the reward
+    Args:
+        beta: KL coefficient.
+        kl_gradient: estimator of grad KL when kl_placement is "loss": "rb" (Rao-Blackwellized) or
+            "mc" (score function).
+        kl_placement: "loss" (the KL gradient estimator beside the reward term) or "reward"
+            (R - beta * kl per sample before the baseline, as TRL and the paper's code).
+        reward_kl_estimator: kl in the reward: "mc", "k3", "cv" (alpha = 1) or "rb".
+        detach_reward_kl: drop kl's own (pathwise) gradient; then only "mc" stays unbiased.
+        advantage: "rloo" (leave-one-out baseline) or "grpo" (group mean and std; the std scaling
+            changes the objective).
+        clip_range: PPO clipping of the sequence ratio in the advantage term (None: no clipping).
+    """
+
+    beta: float = 0.05
+    kl_gradient: GradientEstimator = "rb"
+    kl_placement: KLPlacement = "loss"
+    reward_kl_estimator: RewardKLEstimator = "rb"
     detach_reward_kl: bool = False
-    advantage: str = "rloo"
+    advantage: Advantage = "rloo"
     clip_range: float | None = None
 
     def __post_init__(self) -> None:
@@ -104,6 +124,22 @@ class LossParts:
     policy_gradient: Tensor  # scalar, the advantage part of the loss (detached)
     advantage: Tensor  # [N] detached
     clip_fraction: Tensor  # scalar, share of samples whose advantage term is clipped
+
+
+@dataclass
+class StepOutput:
+    """What one step computes at the current weights (`RBKLModule.model_step`)."""
+
+    stats: TokenStats  # per-token statistics
+    values: dict[str, Tensor]  # every logged KL estimator per sample, detached, [N] each
+    loss: LossParts | None  # None when the step computes no loss (validation)
+
+    @classmethod
+    def joined(cls, pieces: list[StepOutput], mask: Tensor, group_size: int) -> StepOutput:
+        """The statistics of consecutive pieces of one batch as one (detached, no loss); every
+        estimate is recomputed over the whole batch (cv_opt fits its alpha on the other prompts)."""
+        stats = TokenStats.cat([piece.stats for piece in pieces]).detach()
+        return cls(stats, all_kl_values(stats, mask, group_size), None)
 
 
 def rloo_kl_loss(

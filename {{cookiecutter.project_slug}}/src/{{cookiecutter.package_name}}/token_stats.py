@@ -32,7 +32,7 @@ flattened, so a strided view such as `model(ids).logits[:, P - 1 : -1]` is never
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -51,6 +51,19 @@ class TokenStats:
     logq: Tensor  # no gradient: the reference is frozen
     kl: Tensor  # differentiable w.r.t. the policy logits when computed with kl_grad=True
     entropy: Tensor  # no gradient
+
+    def detach(self) -> TokenStats:
+        return TokenStats(*(t.detach() for t in astuple_shallow(self)))
+
+    @staticmethod
+    def cat(parts: list[TokenStats]) -> TokenStats:
+        """Row pieces [b_i, T] of one batch -> [sum b_i, T]."""
+        return TokenStats(*(torch.cat(column) for column in zip(*map(astuple_shallow, parts), strict=True)))
+
+
+def astuple_shallow(stats: TokenStats) -> tuple[Tensor, ...]:
+    # dataclasses.astuple deep-copies tensors; the fields themselves are what is wanted.
+    return tuple(getattr(stats, f.name) for f in fields(stats))
 
 
 def default_chunk_rows(vocab_size: int) -> int:

@@ -1,0 +1,181 @@
+"""The module's option groups: small dataclasses that check themselves once, when they are made.
+
+LightningCLI parses each group as nested config (`model.init_args.sampling.max_new_tokens`), so
+an unknown key or a value of the wrong type fails while the command line is read, and a value
+out of range fails in `__post_init__`, before any model is loaded. The objective's group is
+`objective.Objective`; checks that need several objects (the batch split against the data, the
+trainer's flags, prompts against the model's context) run in `RBKLModule.setup`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, get_args
+
+SamplerName = Literal["fast", "hf"]
+DecodeCache = Literal["dynamic", "static"]
+LrDecay = Literal["constant", "linear", "cosine"]
+LR_DECAYS = get_args(LrDecay)
+
+
+def at_least(name: str, value: int, low: int, why: str = "") -> None:
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}{why}, got {value}")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How responses are drawn: always from the policy itself (docs/estimators.md §6.1).
+
+    Args:
+        samples_per_prompt: k responses per training prompt for the leave-one-out baseline (>= 2).
+        max_new_tokens: length limit of a response; longer ones are truncated (and count as such).
+        val_samples_per_prompt: M responses per validation prompt for the estimator study (>= 2).
+        test_samples_per_prompt: M responses per prompt in `train.py test`, the KL evaluation (>= 2).
+        sampler: "fast" (a KV-cache decode loop with exact inverse-CDF sampling) or "hf" (Hugging
+            Face generate, for architectures whose cache the loop cannot drive).
+        decode_cache: the fast sampler's KV cache: "dynamic" (grows per token) or "static"
+            (preallocated; fixed shapes, which compile_decode needs).
+        compile_decode: run the fast sampler's decode steps through torch.compile (CUDA graphs on a
+            GPU); needs decode_cache "static". The first batches pay the compilation.
+        generation_kwargs: extra generate settings; any that would change the sampled distribution is refused.
+        chat_template: format each prompt as a user message with the tokenizer's chat template.
+    """
+
+    samples_per_prompt: int = 2
+    max_new_tokens: int = 16
+    val_samples_per_prompt: int = 8
+    test_samples_per_prompt: int = 16
+    sampler: SamplerName = "fast"
+    decode_cache: DecodeCache = "dynamic"
+    compile_decode: bool = False
+    generation_kwargs: dict[str, Any] | None = None
+    chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        at_least("samples_per_prompt", self.samples_per_prompt, 2, " for the leave-one-out baseline")
+        for name in ("val_samples_per_prompt", "test_samples_per_prompt"):
+            at_least(name, getattr(self, name), 2, " to estimate a variance over a prompt's samples")
+        at_least("max_new_tokens", self.max_new_tokens, 1)
+        if self.compile_decode and self.decode_cache != "static":
+            raise ValueError("compile_decode needs decode_cache: static (a growing cache would recompile every token)")
+        if self.sampler == "hf" and (self.decode_cache != "dynamic" or self.compile_decode):
+            raise ValueError("decode_cache and compile_decode set the fast sampler; sampler hf uses generate's own")
+
+
+@dataclass(frozen=True)
+class Updates:
+    """How a sampled batch becomes optimizer steps (docs/estimators.md §8).
+
+    Args:
+        ppo_epochs: passes over each sampled batch (>= 1); later passes are importance-weighted.
+        minibatches: optimizer steps per pass, each on whole prompt groups (must divide the batch).
+        micro_batches: gradient accumulation: each minibatch's forward and backward in this many
+            pieces of whole prompt groups (less memory, same update). Replaces the trainer's
+            accumulate_grad_batches.
+        gradient_clip_val: clip the gradient norm before each optimizer step (None: no clipping).
+            Replaces the trainer's gradient_clip_val.
+        kl_chunk_rows: positions per chunk in the fused full-vocabulary KL op (None: automatic).
+    """
+
+    ppo_epochs: int = 1
+    minibatches: int = 1
+    micro_batches: int = 1
+    gradient_clip_val: float | None = None
+    kl_chunk_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ppo_epochs", "minibatches", "micro_batches"):
+            at_least(name, getattr(self, name), 1)
+        if self.gradient_clip_val is not None and not self.gradient_clip_val > 0:
+            raise ValueError(f"gradient_clip_val must be > 0 (or None for no clipping), got {self.gradient_clip_val}")
+        if self.kl_chunk_rows is not None:
+            at_least("kl_chunk_rows", self.kl_chunk_rows, 1, " (or None for automatic)")
+
+    @property
+    def per_batch(self) -> int:
+        """Optimizer steps per sampled batch."""
+        return self.ppo_epochs * self.minibatches
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Minibatches and micro-batches are whole prompt groups: they must divide the batch."""
+        if batch_size % self.minibatches:
+            raise ValueError(
+                f"minibatches={self.minibatches} does not divide a batch of {batch_size} prompts into whole prompt "
+                "groups: choose a divisor of data.batch_size"
+            )
+        if (batch_size // self.minibatches) % self.micro_batches:
+            raise ValueError(
+                f"micro_batches={self.micro_batches} does not divide a minibatch of {batch_size // self.minibatches} "
+                "prompts into whole prompt groups"
+            )
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """AdamW over the policy's trainable weights, with a learning-rate schedule in optimizer steps.
+
+    Args:
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warmup from 0 to lr over this many optimizer steps.
+        lr_decay: after warmup: "constant", or "linear"/"cosine" decay to 0 at the last step.
+    """
+
+    lr: float = 3e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_decay: LrDecay = "constant"
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        at_least("warmup_steps", self.warmup_steps, 0)
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """A peft LoRA adapter: only the adapter trains, and with no reference named the reference is
+    the policy with its adapter off (one model in memory).
+
+    Args:
+        r: rank of the adapter.
+        alpha: scale numerator (None: 2 r).
+        target_modules: names of the layers to adapt, or a peft keyword such as "all-linear" (None:
+            peft's choice for the architecture).
+        dropout: must be 0: dropout would make the training forward disagree with the sampling one.
+    """
+
+    r: int = 8
+    alpha: float | None = None
+    target_modules: list[str] | str | None = None
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        at_least("lora r", self.r, 1)
+        if self.dropout != 0:
+            # docs/estimators.md §6.2
+            raise ValueError(
+                f"lora dropout must be 0: the KL estimators need the sampling distribution, got {self.dropout}"
+            )
+
+
+Group = TypeVar("Group")
+
+
+def as_group(cls: type[Group], value: Group | dict[str, Any] | None, name: str) -> Group:
+    """A group from itself, a dict of its fields (a checkpoint's hyperparameters) or None (defaults)."""
+    if isinstance(value, cls):
+        return value
+    if value is None:
+        return cls()
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown {name} setting(s) {', '.join(unknown)}; valid ones are {', '.join(valid)}")
+    return cls(**value)
