@@ -24,8 +24,8 @@ part ddp 180 python train.py fit --config configs/default.yaml --config configs/
 part fsdp 180 python train.py fit --config configs/default.yaml --config configs/trainer/fsdp.yaml \
   --trainer.devices=1 "${short[@]}" --trainer.logger.init_args.name=gpu_fsdp
 # (i b) issue 13 under FSDP: LoRA with the adapter-off reference, 2 PPO epochs, gradient clipping
-part fsdp_lora 180 python train.py fit --config configs/lora.yaml --config configs/trainer/fsdp.yaml \
-  --trainer.devices=1 "${short[@]}" --model.init_args.ppo_epochs=2 --model.init_args.gradient_clip_val=1.0 \
+part fsdp_lora 180 python train.py fit --config configs/default.yaml --config configs/recipe/lora.yaml --config configs/trainer/fsdp.yaml \
+  --trainer.devices=1 "${short[@]}" --model.init_args.updates.ppo_epochs=2 --model.init_args.updates.gradient_clip_val=1.0 \
   --trainer.logger.init_args.name=gpu_fsdp_lora
 # (ii) RB vs MC step time and peak memory, float32 and bf16, shapes a and b, both APIs
 part step_fp32 240 python benchmarks/step.py --shapes a,b --pairs 9 --dtype float32

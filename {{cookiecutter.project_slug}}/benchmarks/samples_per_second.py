@@ -25,12 +25,15 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
+from step import quiet_trainer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from {{ cookiecutter.package_name }}.data import PromptDataModule
 from {{ cookiecutter.package_name }}.models import load_causal_lm, tiny_gpt2
 from {{ cookiecutter.package_name }}.module import RBKLModule
+from {{ cookiecutter.package_name }}.objective import Objective
+from {{ cookiecutter.package_name }}.options import Optimization, Sampling
 from {{ cookiecutter.package_name }}.rewards import KeywordReward
 from {{ cookiecutter.package_name }}.vocabulary import EOS, TRAIN_PROMPTS, UNK, builtin_tokenizer, vocabulary
 
@@ -59,24 +62,12 @@ def ours(model_dir: Path, steps: int, kl_gradient: str, log_dir: Path, warmup: i
     module = RBKLModule(
         policy=str(model_dir),
         reward=KeywordReward(WORDS),
-        samples_per_prompt=K,
-        max_new_tokens=NEW_TOKENS,
-        beta=BETA,
-        lr=LR,
-        kl_gradient=kl_gradient,
+        objective=Objective(beta=BETA, kl_gradient=kl_gradient),
+        sampling=Sampling(samples_per_prompt=K, max_new_tokens=NEW_TOKENS),
+        optimization=Optimization(lr=LR),
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=CSVLogger(log_dir),
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer := StepTimes()],
-    )
+    timer = StepTimes()
+    trainer = quiet_trainer(max_steps=steps, logger=CSVLogger(log_dir), log_every_n_steps=1, callbacks=[timer])
     trainer.fit(module, PromptDataModule(batch_size=PROMPTS, epoch_repeats=steps))
     return steady_rate(timer.times, warmup)
 

@@ -27,6 +27,7 @@ Shapes (GPT-2 architecture, vocabulary 50257, 16 responses x 64 tokens after an 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -34,11 +35,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from {{ cookiecutter.package_name }}.estimators import kl_grad_surrogate
 from {{ cookiecutter.package_name }}.module import RBKLModule, Rollout
+from {{ cookiecutter.package_name }}.options import Optimization, Sampling
 from {{ cookiecutter.package_name }}.rewards import KeywordReward
 from {{ cookiecutter.package_name }}.sampling import Samples, position_ids, response_mask
 
@@ -78,22 +81,37 @@ class PeakMemory:
         raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def build_module(shape: str, dtype: str, folder: Path, device: torch.device, **settings) -> RBKLModule:
-    """A random GPT-2 of `shape`, saved and loaded back as a policy; `settings` go to RBKLModule."""
+def build_module(
+    shape: str, dtype: str, folder: Path, device: torch.device, cls: type[RBKLModule] = RBKLModule, **groups
+) -> RBKLModule:
+    """A random GPT-2 of `shape`, saved and loaded back as a policy; `groups` (updates, lora) go to `cls`."""
     config = GPT2Config(vocab_size=VOCAB, n_positions=128, **SHAPES[shape], eos_token_id=0, bos_token_id=0)
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(folder)  # loaded back through from_pretrained, as in training
-    module = RBKLModule(
+    module = cls(
         policy=str(folder),
         tokenizer="builtin:tiny-gpt2",  # any tokenizer that fits the vocabulary; only ids matter here
         reward=KeywordReward(["good"]),
-        samples_per_prompt=K,
-        max_new_tokens=RESPONSE_LEN,
         dtype=dtype,
-        lr=1e-6,
-        **settings,
+        sampling=Sampling(samples_per_prompt=K, max_new_tokens=RESPONSE_LEN),
+        optimization=Optimization(lr=1e-6),
+        **groups,
     )
     return module.to(device)
+
+
+def quiet_trainer(**settings) -> L.Trainer:
+    """A CPU Trainer that prints and writes nothing unless asked: the benchmarks time its steps."""
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
+    return L.Trainer(**{**defaults, **settings})
 
 
 def fixed_samples(device: torch.device) -> Samples:
@@ -113,9 +131,11 @@ def fixed_rollout(samples: Samples) -> Rollout:
 
 
 def module_step(module: RBKLModule, rollout: Rollout, kl_gradient: str, generate: bool) -> None:
+    # The module's objective is what model_step optimises: both estimators on one module.
+    module.objective = dataclasses.replace(module.objective, kl_gradient=kl_gradient)
     if generate:
         rollout = module.rollout(rollout.prompts, K)
-    module.model_step(rollout, kl_gradient=kl_gradient).loss.loss.backward()
+    module.model_step(rollout).loss.loss.backward()
 
 
 def public_step(module: RBKLModule, rollout: Rollout, kl_gradient: str, generate: bool, lean: bool = False) -> None:
@@ -144,7 +164,7 @@ def public_step(module: RBKLModule, rollout: Rollout, kl_gradient: str, generate
     )
     if lean:
         del logits, ref_logits  # the op keeps what backward needs; the rest is freed as backward goes
-    (module.hparams.beta * surrogate.mean()).backward()
+    (module.objective.beta * surrogate.mean()).backward()
 
 
 def lean_public_step(module: RBKLModule, rollout: Rollout, kl_gradient: str, generate: bool) -> None:

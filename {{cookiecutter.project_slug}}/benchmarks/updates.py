@@ -31,15 +31,28 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from step import RESPONSES, SHAPES, K, PeakMemory, build_module, fixed_rollout, fixed_samples
+from step import RESPONSES, SHAPES, K, PeakMemory, build_module, fixed_rollout, fixed_samples, quiet_trainer
 from torch.utils.data import DataLoader
 
+from {{ cookiecutter.package_name }}.module import RBKLModule, Rollout
+from {{ cookiecutter.package_name }}.options import LoRA, Updates
+
+LORA = LoRA(r=8, target_modules=["c_attn", "c_proj", "c_fc"])
 SETTINGS = {
     "full-ppo1": {},
-    "full-ppo4": {"ppo_epochs": 4},
-    "lora-ppo1": {"lora": {"r": 8, "target_modules": ["c_attn", "c_proj", "c_fc"]}},
-    "lora-ppo4": {"lora": {"r": 8, "target_modules": ["c_attn", "c_proj", "c_fc"]}, "ppo_epochs": 4},
+    "full-ppo4": {"updates": Updates(ppo_epochs=4)},
+    "lora-ppo1": {"lora": LORA},
+    "lora-ppo4": {"lora": LORA, "updates": Updates(ppo_epochs=4)},
 }
+
+
+class FixedRollout(RBKLModule):
+    """The same responses every batch, no sampling: it costs the same in every setting."""
+
+    fixed: Rollout
+
+    def rollout(self, prompts, k):
+        return self.fixed
 
 
 class BatchTimes(L.Callback):
@@ -56,19 +69,10 @@ class BatchTimes(L.Callback):
 def child(setting: str, shape: str, batches: int) -> dict:
     device = torch.device("cpu")
     with tempfile.TemporaryDirectory() as folder, PeakMemory(device) as peak:
-        module = build_module(shape, "float32", Path(folder), device, **SETTINGS[setting])
-        rollout = fixed_rollout(fixed_samples(device))
-        module.rollout = lambda prompts, k: rollout  # the same responses every batch, no sampling
+        module = build_module(shape, "float32", Path(folder), device, FixedRollout, **SETTINGS[setting])
+        module.fixed = fixed_rollout(fixed_samples(device))
         times = BatchTimes()
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_steps=batches * module.updates_per_batch,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[times],
-        )
+        trainer = quiet_trainer(max_steps=batches * module.updates_per_batch, callbacks=[times])
         prompts = DataLoader(["the movie was"] * (RESPONSES // K) * batches, batch_size=RESPONSES // K, collate_fn=list)
         trainer.fit(module, prompts)
     batch = statistics.median(times.times[1:])

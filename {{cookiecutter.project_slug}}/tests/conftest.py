@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -127,21 +128,22 @@ def prompt_files(tmp_path_factory) -> dict[str, Path]:
     return {"train": train, "val": val}
 
 
+def make_trainer(root: Path, **overrides) -> L.Trainer:
+    """A CPU Trainer for tests: a CSV logger in `root`, no bar, no summary, no sanity check, metrics
+    every step; keyword arguments override any of these."""
+    settings = {
+        "accelerator": "cpu",
+        "logger": CSVLogger(root, name="run"),
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "log_every_n_steps": 1,
+        "default_root_dir": root,
+    }
+    return L.Trainer(**{**settings, **overrides})
+
+
 @pytest.fixture
 def tiny_trainer(tmp_path):
-    """Makes CPU Trainers for tests: a CSV logger in tmp_path, no bar, no summary, no sanity check,
-    metrics every step; keyword arguments override any of these."""
-
-    def make(**overrides) -> L.Trainer:
-        settings = {
-            "accelerator": "cpu",
-            "logger": CSVLogger(tmp_path, name="run"),
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
-            "log_every_n_steps": 1,
-            "default_root_dir": tmp_path,
-        }
-        return L.Trainer(**{**settings, **overrides})
-
-    return make
+    """make_trainer in the test's tmp_path."""
+    return functools.partial(make_trainer, tmp_path)

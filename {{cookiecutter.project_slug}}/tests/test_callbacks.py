@@ -6,7 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from lightning.pytorch.loggers import CSVLogger
+from conftest import make_trainer
 from matplotlib.image import imread
 
 from {{ cookiecutter.package_name }}.callbacks import EstimatorTable, EstimatorVariancePlot, RewardVsKLPlot, SampleTable
@@ -14,6 +14,7 @@ from {{ cookiecutter.package_name }}.data import PromptDataModule
 from {{ cookiecutter.package_name }}.estimators import LOGGED_ESTIMATORS, VALUE_ESTIMATORS
 from {{ cookiecutter.package_name }}.metrics import KL_STATS
 from {{ cookiecutter.package_name }}.module import RBKLModule
+from {{ cookiecutter.package_name }}.options import Optimization, Sampling
 from {{ cookiecutter.package_name }}.rewards import VaderSentimentReward
 
 
@@ -21,16 +22,15 @@ from {{ cookiecutter.package_name }}.rewards import VaderSentimentReward
 def run_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("run")
     L.seed_everything(0)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = make_trainer(
+        tmp,
         max_epochs=2,
-        logger=CSVLogger(tmp, name="run"),
         callbacks=[RewardVsKLPlot(estimators=["rb", "mc"]), EstimatorVariancePlot(), EstimatorTable(), SampleTable()],
-        enable_progress_bar=False,
         enable_checkpointing=False,
-        log_every_n_steps=1,
     )
-    module = RBKLModule(reward=VaderSentimentReward(), lr=1e-3, val_samples_per_prompt=4)
+    module = RBKLModule(
+        reward=VaderSentimentReward(), optimization=Optimization(lr=1e-3), sampling=Sampling(val_samples_per_prompt=4)
+    )
     trainer.fit(module, PromptDataModule(batch_size=8, epoch_repeats=2))
     return Path(trainer.log_dir)
 
@@ -91,7 +91,10 @@ def test_plots_reach_tensorboard_when_it_is_the_logger(tiny_trainer, tmp_path):
         enable_checkpointing=False,
         limit_train_batches=2,
     )
-    trainer.fit(RBKLModule(reward=VaderSentimentReward(), val_samples_per_prompt=2), PromptDataModule(batch_size=8))
+    trainer.fit(
+        RBKLModule(reward=VaderSentimentReward(), sampling=Sampling(val_samples_per_prompt=2)),
+        PromptDataModule(batch_size=8),
+    )
     events = b"".join(p.read_bytes() for p in tmp_path.rglob("events.out.tfevents.*"))
     assert b"reward_vs_kl" in events and b"\x89PNG" in events  # the figure, as a PNG image summary
     assert b"train/kl/rb/mean" in events

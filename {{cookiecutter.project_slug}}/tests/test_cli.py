@@ -31,8 +31,8 @@ def hub_stand_ins(hf_checkpoints, prompt_files) -> list[str]:
         str(hf_checkpoints["gpt2"]),
         "--model.init_args.reward.init_args.name_or_path",
         str(hf_checkpoints["classifier"]),
-        "--model.init_args.max_new_tokens=8",
-        "--model.init_args.val_samples_per_prompt=2",
+        "--model.init_args.sampling.max_new_tokens=8",
+        "--model.init_args.sampling.val_samples_per_prompt=2",
         "--data.source=file",
         "--data.train_path",
         str(prompt_files["train"]),
@@ -52,8 +52,9 @@ def test_fit_runs_the_offline_config_with_fast_dev_run(tmp_path):
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 def test_every_shipped_config_validates(config, capsys):
     args = ["fit", "--config", str(PROJECT / config)]
-    if config.parent != Path("configs"):  # trainer/ and logger/ configs compose with a task config
-        args = ["fit", "--config", str(PROJECT / "configs/default.yaml"), *args[1:]]
+    if config.parent != Path("configs"):  # recipe/, trainer/ and logger/ configs compose with a task config
+        task = "configs/imdb.yaml" if config.name == "paper.yaml" else "configs/default.yaml"
+        args = ["fit", "--config", str(PROJECT / task), *args[1:]]
     with pytest.raises(SystemExit) as exit_info:
         train.main(args=[*args, "--print_config"])
     assert exit_info.value.code in (0, None)
@@ -71,13 +72,16 @@ def test_a_config_before_the_subcommand_is_not_accepted():
 @pytest.mark.parametrize(
     "arg, sentence",
     [
-        ("--model.init_args.samples_per_prompt=1", "error: samples_per_prompt must be >= 2"),
-        ("--model.init_args.beta=-0.1", "error: beta must be >= 0, got -0.1"),
-        ("--model.init_args.kl_gradient=foo", "error: model.init_args.kl_gradient: Expected a typing.Literal"),
+        ("--model.init_args.sampling.samples_per_prompt=1", "error: samples_per_prompt must be >= 2"),
+        ("--model.init_args.objective.beta=-0.1", "error: beta must be >= 0, got -0.1"),
+        (
+            "--model.init_args.objective.kl_gradient=foo",
+            "error: model.init_args.objective.kl_gradient: Expected a typing.Literal",
+        ),
         ("--data.batch_size=abc", "error: data.batch_size: Expected a <class 'int'>. Got value: abc"),
-        ("--model.init_args.ppo_epochs=0", "error: ppo_epochs must be >= 1, got 0"),
-        ("--model.init_args.clip_range=0", "error: clip_range must be > 0"),
-        ("--model.init_args.minibatches=3", "error: minibatches=3 does not divide a batch of 8 prompts"),
+        ("--model.init_args.updates.ppo_epochs=0", "error: ppo_epochs must be >= 1, got 0"),
+        ("--model.init_args.objective.clip_range=0", "error: clip_range must be > 0"),
+        ("--model.init_args.updates.minibatches=3", "error: minibatches=3 does not divide a batch of 8 prompts"),
         ("--trainer.gradient_clip_val=1.0", "error: trainer.gradient_clip_val is not used by this module"),
         ("--trainer.accumulate_grad_batches=2", "error: trainer.accumulate_grad_batches is not used by this module"),
         (
@@ -122,13 +126,15 @@ def test_paper_config_trains_with_local_stand_ins(tmp_path, hf_checkpoints, prom
     result = run_cli(
         "fit",
         "--config",
-        str(PROJECT / "configs/paper.yaml"),
+        str(PROJECT / "configs/imdb.yaml"),
+        "--config",
+        str(PROJECT / "configs/recipe/paper.yaml"),
         *hub_stand_ins(hf_checkpoints, prompt_files),
         "--trainer.max_steps=8",
         "--trainer.val_check_interval=2",
         "--trainer.logger.init_args.save_dir",
         str(tmp_path / "logs"),
-        "--model.init_args.lr=1e-3",
+        "--model.init_args.optimization.lr=1e-3",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -144,7 +150,9 @@ def test_lora_config_trains_offline(tmp_path):
     result = run_cli(
         "fit",
         "--config",
-        str(PROJECT / "configs/lora.yaml"),
+        str(PROJECT / "configs/default.yaml"),
+        "--config",
+        str(PROJECT / "configs/recipe/lora.yaml"),
         "--trainer.max_steps=2",
         "--trainer.limit_val_batches=1",
         "--trainer.logger.init_args.save_dir",
@@ -169,8 +177,8 @@ def test_kl_evaluation_writes_the_report(tmp_path):
     result = run_kl_evaluation(
         "--data.test_path",
         str(write_prompts(tmp_path, 5)),
-        "--model.init_args.test_samples_per_prompt=4",
-        "--model.init_args.max_new_tokens=6",
+        "--model.init_args.sampling.test_samples_per_prompt=4",
+        "--model.init_args.sampling.max_new_tokens=6",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -202,7 +210,7 @@ def test_kl_evaluation_writes_the_report(tmp_path):
     "args, message",
     [
         (["--data.source=file", "--data.train_path=x.txt"], "`test` needs prompts: set data.test_path"),
-        (["--model.init_args.test_samples_per_prompt=1"], "test_samples_per_prompt must be >= 2"),
+        (["--model.init_args.sampling.test_samples_per_prompt=1"], "test_samples_per_prompt must be >= 2"),
     ],
 )
 def test_kl_evaluation_refuses_bad_input_before_sampling(tmp_path, args, message):
@@ -218,7 +226,7 @@ def test_help_says_how_to_list_the_model_options(tmp_path):
     result = run_cli("fit", "--help", cwd=tmp_path)
     assert "python train.py fit --model.help RBKLModule" in " ".join(result.stdout.split())
     model = run_cli("fit", "--model.help", "RBKLModule", cwd=tmp_path)
-    assert model.returncode == 0 and "--model.beta" in model.stdout and "KL coefficient" in model.stdout
+    assert model.returncode == 0 and "--model.objective.beta" in model.stdout and "KL coefficient" in model.stdout
 
 
 @pytest.mark.slow

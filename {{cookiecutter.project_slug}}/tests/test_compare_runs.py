@@ -26,7 +26,9 @@ def write_run(folder, kl, reward, gradient, beta=0.05):
         "epoch,step,train/loss,val/kl/rb/mean,val/reward/mean\n"
         f"0,9,1.0,{kl / 2},{reward / 2}\n0,10,0.5,,\n1,19,,{kl},{reward}\n"
     )
-    (folder / "hparams.yaml").write_text(f"kl_gradient: {gradient}\nbeta: {beta}\n")
+    (folder / "hparams.yaml").write_text(
+        f"objective:\n  kl_gradient: {gradient}\n  beta: {beta}\n"
+    )  # as RBKLModule writes it
     return folder
 
 

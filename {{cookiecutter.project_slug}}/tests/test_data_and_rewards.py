@@ -115,18 +115,17 @@ def test_hub_source_cuts_reviews_to_2_to_8_tokens(monkeypatch, hf_checkpoints):
         PromptDataModule(source="hf").setup("fit")
 
 
-def test_every_prompt_is_checked_before_the_first_step(tmp_path):
-    import lightning as L
-
+def test_every_prompt_is_checked_before_the_first_step(tiny_trainer, tmp_path):
     from {{ cookiecutter.package_name }}.module import RBKLModule
+    from {{ cookiecutter.package_name }}.options import Sampling
 
     prompts = tmp_path / "train.txt"
     long_prompt = " ".join(["the movie was good and"] * 12)  # 60 words: no room for 12 new tokens
     prompts.write_text("\n".join(["the movie was"] * 20 + [long_prompt, "a film with"]) + "\n")
     data = PromptDataModule(source="file", train_path=str(prompts), num_val_prompts=1, batch_size=2)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False)
+    trainer = tiny_trainer(max_steps=1, logger=False)
     with pytest.raises(ValueError, match="exceeds the model's context of 64 tokens: 'the movie was good and"):
-        trainer.fit(RBKLModule(max_new_tokens=12), data)
+        trainer.fit(RBKLModule(sampling=Sampling(max_new_tokens=12)), data)
     assert trainer.global_step == 0, "refused before any step"
 
 

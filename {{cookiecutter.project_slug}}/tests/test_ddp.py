@@ -32,11 +32,11 @@ def ddp_run(tmp_path_factory) -> Path:
         "--trainer.strategy.init_args.timeout=0:01:30",  # a hang becomes a failure
         # Every update path at once: 2 epochs x 2 minibatches, each in 2 micro-batches (only the
         # last one's backward all-reduces), clipped: 4 optimizer steps per batch.
-        "--model.init_args.ppo_epochs=2",
-        "--model.init_args.minibatches=2",
-        "--model.init_args.micro_batches=2",
-        "--model.init_args.clip_range=0.2",
-        "--model.init_args.gradient_clip_val=1.0",
+        "--model.init_args.updates.ppo_epochs=2",
+        "--model.init_args.updates.minibatches=2",
+        "--model.init_args.updates.micro_batches=2",
+        "--model.init_args.objective.clip_range=0.2",
+        "--model.init_args.updates.gradient_clip_val=1.0",
         "--trainer.max_steps=16",
         "--data.epoch_repeats=1",  # 16 prompts / (8 per device x 2) = 1 batch an epoch: 4 validations
         "--trainer.callbacks+=ddp_probe.RankProbe",
@@ -150,8 +150,8 @@ def test_kl_evaluation_counts_every_prompt_once_over_two_processes(tmp_path):
         "--data.test_path",
         str(prompts),
         "--data.batch_size=2",
-        "--model.init_args.test_samples_per_prompt=3",
-        "--model.init_args.max_new_tokens=4",
+        "--model.init_args.sampling.test_samples_per_prompt=3",
+        "--model.init_args.sampling.max_new_tokens=4",
     ]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

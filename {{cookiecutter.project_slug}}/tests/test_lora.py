@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from {{ cookiecutter.package_name }}.data import PromptDataModule
 from {{ cookiecutter.package_name }}.models import load_causal_lm
 from {{ cookiecutter.package_name }}.module import RBKLModule
+from {{ cookiecutter.package_name }}.options import Optimization, Sampling
 from {{ cookiecutter.package_name }}.rewards import KeywordReward
 
 LORA = {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc", "lm_head"]}
@@ -31,7 +32,7 @@ def logged(trainer, key):
 
 
 def test_lora_trains_only_the_adapter_against_its_own_base(tiny_trainer):
-    module = RBKLModule(reward=KeywordReward(["good", "great"]), lora=LORA, lr=3e-2)
+    module = RBKLModule(reward=KeywordReward(["good", "great"]), lora=LORA, optimization=Optimization(lr=3e-2))
     assert module.reference is None, "no second copy of the model"
     base = load_causal_lm("builtin:tiny-gpt2").eval()
     trainer = train(tiny_trainer, module, steps=6)
@@ -49,7 +50,7 @@ def test_lora_trains_only_the_adapter_against_its_own_base(tiny_trainer):
 
 
 def test_a_lora_checkpoint_holds_the_adapter_and_resumes_it(tiny_trainer, tmp_path):
-    module = RBKLModule(reward=KeywordReward(["good"]), lora=LORA, lr=3e-2)
+    module = RBKLModule(reward=KeywordReward(["good"]), lora=LORA, optimization=Optimization(lr=3e-2))
     trainer = train(tiny_trainer, module, steps=2)
     trainer.save_checkpoint(tmp_path / "lora.ckpt")
     state = torch.load(tmp_path / "lora.ckpt", weights_only=False)["state_dict"]
@@ -84,7 +85,7 @@ def test_lora_with_a_separate_reference_of_another_vocabulary_is_refused(hf_chec
 
 @pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
 def test_export_writes_a_folder_that_from_pretrained_loads(tiny_trainer, tmp_path, lora):
-    module = RBKLModule(reward=KeywordReward(["good"]), lora=lora, lr=3e-2)
+    module = RBKLModule(reward=KeywordReward(["good"]), lora=lora, optimization=Optimization(lr=3e-2))
     trainer = train(tiny_trainer, module, steps=2)
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     result = run_script("export.py", str(tmp_path / "run.ckpt"), str(tmp_path / "out"), cwd=tmp_path)
@@ -104,8 +105,8 @@ def test_export_writes_a_folder_that_from_pretrained_loads(tiny_trainer, tmp_pat
         "--model.init_args.policy",
         str(tmp_path / "out"),
         "--model.init_args.reference=builtin:tiny-gpt2",
-        "--model.init_args.test_samples_per_prompt=2",
-        "--model.init_args.max_new_tokens=4",
+        "--model.init_args.sampling.test_samples_per_prompt=2",
+        "--model.init_args.sampling.max_new_tokens=4",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -148,7 +149,7 @@ def instruct_model(tmp_path_factory):
 def test_chat_template_formats_prompts_and_any_stop_id_ends_a_response(instruct_model, monkeypatch):
     from {{ cookiecutter.package_name }} import sampling
 
-    module = RBKLModule(policy=str(instruct_model), chat_template=True, max_new_tokens=8)
+    module = RBKLModule(policy=str(instruct_model), sampling=Sampling(chat_template=True, max_new_tokens=8))
     end = module.tokenizer.convert_tokens_to_ids("<|end|>")
     assert module.stop_ids == sorted([module.tokenizer.eos_token_id, end])
     ids, mask = module.encode_prompts(["the story is", "what a"])
@@ -174,4 +175,4 @@ def test_chat_template_formats_prompts_and_any_stop_id_ends_a_response(instruct_
 
 def test_chat_template_needs_a_tokenizer_that_has_one(hf_checkpoints):
     with pytest.raises(ValueError, match="has no chat template"):
-        RBKLModule(policy=str(hf_checkpoints["gpt2"]), chat_template=True)
+        RBKLModule(policy=str(hf_checkpoints["gpt2"]), sampling=Sampling(chat_template=True))

@@ -21,7 +21,7 @@ BASE = [
     "--last_checkpoint.every_n_train_steps=3",
     "--trainer.enable_progress_bar=false",
     "--trainer.limit_val_batches=1",
-    "--model.init_args.val_samples_per_prompt=2",
+    "--model.init_args.sampling.val_samples_per_prompt=2",
 ]
 
 
@@ -79,7 +79,7 @@ def test_sigkill_then_resume_continues_one_history_with_the_reward_and_the_overr
     assert saved_step >= 3 and saved_step % 3 == 0
 
     resumed = run(
-        tmp_path, "--ckpt_path", "last", f"--trainer.max_steps={saved_step + 4}", "--model.init_args.beta=0.5"
+        tmp_path, "--ckpt_path", "last", f"--trainer.max_steps={saved_step + 4}", "--model.init_args.objective.beta=0.5"
     )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert only_run(tmp_path) == run_dir, "a resumed run appends to the run it resumes"
@@ -91,9 +91,11 @@ def test_sigkill_then_resume_continues_one_history_with_the_reward_and_the_overr
     assert all(r != 0.0 for r in rewards), "the configured reward (VADER) is still on after the resume"
 
     config = yaml.safe_load((run_dir / f"config.resumed-at-step-{saved_step}.yaml").read_text())
-    assert config["model"]["init_args"]["beta"] == 0.5, "the command-line override wins over the checkpoint"
+    assert config["model"]["init_args"]["objective"]["beta"] == 0.5, (
+        "the command-line override wins over the checkpoint"
+    )
     assert config["model"]["init_args"]["reward"]["class_path"].endswith("VaderSentimentReward")
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["init_args"]["beta"] == 0.05
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["init_args"]["objective"]["beta"] == 0.05
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == saved_step + 4, "last.ckpt at the end"
 
 
@@ -165,3 +167,23 @@ def test_a_resumed_cpu_run_repeats_the_uninterrupted_one(tmp_path):
                 resumed["step"],
                 key,
             )
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_before_the_option_groups_resumes_with_its_options_moved(tmp_path):
+    # An option that configs/default.yaml does not set, so the checkpoint's value is the one resumed.
+    trained = run(tmp_path, "--trainer.max_steps=3", "--model.init_args.objective.advantage=grpo")
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    checkpoint = only_run(tmp_path) / "checkpoints" / "last.ckpt"
+    # The hyperparameters as the previous release wrote them: every option at the top level.
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    hparams = saved["hyper_parameters"]
+    for group in ("objective", "sampling", "updates", "optimization"):
+        hparams.update(hparams.pop(group))
+    torch.save(saved, checkpoint)
+    resumed = run(tmp_path, "--ckpt_path", "last", "--trainer.max_steps=5")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "predates the option groups; its options are read as: beta -> objective.beta" in resumed.stderr
+    config = yaml.safe_load((only_run(tmp_path) / "config.resumed-at-step-3.yaml").read_text())
+    assert config["model"]["init_args"]["objective"]["advantage"] == "grpo", "the old checkpoint's, not the default"
+    assert [int(r["step"]) for r in train_rows(only_run(tmp_path))] == list(range(5))

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from {{ cookiecutter.package_name }}.module import RBKLModule
+from {{ cookiecutter.package_name }}.options import Sampling
 from {{ cookiecutter.package_name }}.sampling import Samples, response_mask, sampling_config
 
 PROMPTS = ["this movie was", "a", "i loved the music but the"]  # different lengths: left padding
@@ -12,7 +13,7 @@ PROMPTS = ["this movie was", "a", "i loved the music but the"]  # different leng
 
 @pytest.fixture(scope="module")
 def module(hf_checkpoints):
-    return RBKLModule(policy=str(hf_checkpoints["gpt2"]), max_new_tokens=6)
+    return RBKLModule(policy=str(hf_checkpoints["gpt2"]), sampling=Sampling(max_new_tokens=6))
 
 
 def test_generate_scores_equal_the_training_forward_on_a_left_padded_batch(module):
@@ -67,7 +68,7 @@ def test_distribution_changing_settings_are_refused(setting, hf_checkpoints):
     with pytest.raises(ValueError, match=f"{key}=.*bias every KL estimate"):
         sampling_config(8, 0, 0, **setting)
     with pytest.raises(ValueError, match=key):
-        RBKLModule(policy=str(hf_checkpoints["gpt2"]), generation_kwargs=setting)
+        RBKLModule(policy=str(hf_checkpoints["gpt2"]), sampling=Sampling(generation_kwargs=setting))
 
 
 def test_neutral_and_harmless_settings_are_accepted():
@@ -222,7 +223,7 @@ def test_a_static_cache_draws_every_response_with_its_exact_probability(tiny_lm)
 def test_static_cache_logits_equal_the_training_forward_batch_after_batch(compiled):
     from {{ cookiecutter.package_name }}.sampling import sample_fast
 
-    module = RBKLModule(max_new_tokens=6, decode_cache="static")
+    module = RBKLModule(sampling=Sampling(max_new_tokens=6, decode_cache="static"))
     # The eager backend checks what torch.compile traces, without a C++ toolchain or a GPU.
     decode = torch.compile(module.policy.forward, backend="eager", dynamic=False) if compiled else None
     caches = []
@@ -258,4 +259,4 @@ def test_static_cache_logits_equal_the_training_forward_batch_after_batch(compil
 )
 def test_decode_options_that_cannot_work_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        RBKLModule(**kwargs)
+        RBKLModule(sampling=Sampling(**kwargs))

@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from {{ cookiecutter.package_name }}.options import Optimization
 from {{ cookiecutter.package_name }}.schedules import lr_lambda
 
 
@@ -25,6 +26,6 @@ def test_bad_schedules_are_refused():
     with pytest.raises(ValueError, match="needs a finite number of steps"):
         lr_lambda(0, None, "linear")
     with pytest.raises(ValueError, match="lr_decay must be"):
-        lr_lambda(0, 10, "exp")
+        Optimization(lr_decay="exp")
     with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
-        lr_lambda(-1, 10, "constant")
+        Optimization(warmup_steps=-1)

@@ -22,7 +22,7 @@ def sweep(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_a_sweep_runs_every_point_and_seed_survives_a_failed_run_and_resumes(tmp_path):
     # beta=-1 is refused by the module: those runs fail, the others go on.
-    args = ["--grid", "model.init_args.beta=0.05,-1", "--grid", "model.init_args.kl_gradient=rb,mc"]
+    args = ["--grid", "model.init_args.objective.beta=0.05,-1", "--grid", "model.init_args.objective.kl_gradient=rb,mc"]
     args += ["--seeds", "3", "--name", "tiny", "--parallel", "2", "--trainer.max_epochs=1"]
     args += ["--trainer.limit_val_batches=1", "--data.epoch_repeats=1"]
     first = sweep(tmp_path, *args)
@@ -46,12 +46,12 @@ def test_a_sweep_runs_every_point_and_seed_survives_a_failed_run_and_resumes(tmp
     "args, message",
     [
         (
-            ["--grid", "model.init_args.betaa=0.1,0.2"],
-            "not an option of `train.py fit`; near names: model.init_args.beta",
+            ["--grid", "model.init_args.objective.betaa=0.1,0.2"],
+            "not an option of `train.py fit`; near names: model.init_args.objective.beta",
         ),
-        (["--grid", "model.init_args.beta=0.1,"], "no empty value"),
-        (["--grid", "model.init_args.beta=0.1", "--seeds", "0"], "--seeds and --parallel must be >= 1"),
-        (["--grid", "model.init_args.beta=0.1", "stray"], "pass to every run as --key=value"),
+        (["--grid", "model.init_args.objective.beta=0.1,"], "no empty value"),
+        (["--grid", "model.init_args.objective.beta=0.1", "--seeds", "0"], "--seeds and --parallel must be >= 1"),
+        (["--grid", "model.init_args.objective.beta=0.1", "stray"], "pass to every run as --key=value"),
     ],
 )
 def test_bad_sweeps_are_refused_in_one_sentence(tmp_path, args, message):
@@ -65,7 +65,7 @@ def test_a_sweep_folder_of_another_config_is_refused(tmp_path):
     folder = tmp_path / "logs" / "other"
     folder.mkdir(parents=True)
     (folder / MANIFEST).write_text(json.dumps({"fingerprint": "not-this-one", "runs": {}}))
-    result = sweep(tmp_path, "--name", "other", "--grid", "model.init_args.beta=0.1")
+    result = sweep(tmp_path, "--name", "other", "--grid", "model.init_args.objective.beta=0.1")
     assert result.returncode == 2 and "holds a sweep of another config" in result.stderr
 
 
@@ -80,7 +80,7 @@ def write_sweep(folder: Path, seeds: int) -> Path:
                 run_dir.mkdir(parents=True)
                 kl, reward = kl_base + 0.05 * seed, kl_base / 2 + bonus + 0.02 * seed
                 (run_dir / "metrics.csv").write_text(f"epoch,step,val/kl/rb/mean,val/reward/mean\n0,9,{kl},{reward}\n")
-                point = {"model.init_args.beta": beta, "model.init_args.kl_gradient": gradient}
+                point = {"model.init_args.objective.beta": beta, "model.init_args.objective.kl_gradient": gradient}
                 runs[rid] = {"point": point, "seed": seed, "status": "finished", "run_dir": str(run_dir)}
     (folder / MANIFEST).write_text(json.dumps({"fingerprint": "x", "runs": runs}))
     return folder
@@ -117,7 +117,7 @@ def _runs(folder: Path) -> list[dict]:
     out = []
     for run in manifest["runs"].values():
         kl, reward = (Path(run["run_dir"]) / "metrics.csv").read_text().splitlines()[1].split(",")[2:]
-        out.append({"kl": kl, "reward": reward, "estimator": run["point"]["model.init_args.kl_gradient"]})
+        out.append({"kl": kl, "reward": reward, "estimator": run["point"]["model.init_args.objective.kl_gradient"]})
     return out
 
 
@@ -131,7 +131,14 @@ def test_slurm_submits_one_job_array_with_the_trainers_devices_per_node(tmp_path
     for tool in ("sbatch", "srun"):
         (bin_dir / tool).chmod(0o755)
     env_path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
-    args = ["--grid", "model.init_args.beta=0.05,0.2", "--grid", "model.init_args.kl_gradient=rb,mc", "--seeds", "3"]
+    args = [
+        "--grid",
+        "model.init_args.objective.beta=0.05,0.2",
+        "--grid",
+        "model.init_args.objective.kl_gradient=rb,mc",
+        "--seeds",
+        "3",
+    ]
     args += ["--name", "cluster", "--launcher", "slurm", "--partition", "gpu", "--time", "30", "--gpus-per-node", "2"]
     args += ["--parallel", "4", "--trainer.devices=2"]
     env = {**os.environ, "PATH": env_path, "PYTHONPATH": str(PROJECT / "src")}
@@ -155,7 +162,7 @@ def test_slurm_submits_one_job_array_with_the_trainers_devices_per_node(tmp_path
 @pytest.mark.slow
 def test_the_slurm_path_runs_through_submitits_local_executor(tmp_path):
     pytest.importorskip("submitit")
-    args = ["--grid", "model.init_args.kl_gradient=rb,mc", "--seeds", "1", "--name", "local_array"]
+    args = ["--grid", "model.init_args.objective.kl_gradient=rb,mc", "--seeds", "1", "--name", "local_array"]
     args += ["--launcher", "slurm", "--cluster", "local", "--trainer.max_steps=2", "--trainer.limit_val_batches=1"]
     args += ["--trainer.val_check_interval=2"]
     result = sweep(tmp_path, *args)

@@ -6,10 +6,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
 
 from {{ cookiecutter.package_name }}.data import PromptDataModule
 from {{ cookiecutter.package_name }}.module import RBKLModule
+from {{ cookiecutter.package_name }}.objective import Objective
+from {{ cookiecutter.package_name }}.options import Optimization, Sampling
 from {{ cookiecutter.package_name }}.rewards import KeywordReward, Reward
 from {{ cookiecutter.package_name }}.token_stats import token_stats
 
@@ -29,7 +30,12 @@ def logged(trainer: L.Trainer, key: str) -> list[float]:
 @pytest.mark.slow
 def test_a_short_run_on_a_learnable_reward_raises_the_reward(tiny_trainer, tmp_path):
     torch.manual_seed(0)
-    module = RBKLModule(reward=KeywordReward(["good", "great"]), lr=3e-3, beta=0.05, samples_per_prompt=4)
+    module = RBKLModule(
+        reward=KeywordReward(["good", "great"]),
+        optimization=Optimization(lr=3e-3),
+        objective=Objective(beta=0.05),
+        sampling=Sampling(samples_per_prompt=4),
+    )
     reference_before = {k: v.clone() for k, v in module.reference.state_dict().items()}
     trainer = fit(tiny_trainer, module, steps=40, enable_checkpointing=True)
 
@@ -50,7 +56,11 @@ def test_a_short_run_on_a_learnable_reward_raises_the_reward(tiny_trainer, tmp_p
 
 
 def test_mc_gradient_trains_too_and_the_schedule_is_logged(tiny_trainer):
-    module = RBKLModule(reward=KeywordReward(["good"]), kl_gradient="mc", lr=1e-3, warmup_steps=2)
+    module = RBKLModule(
+        reward=KeywordReward(["good"]),
+        objective=Objective(kl_gradient="mc"),
+        optimization=Optimization(lr=1e-3, warmup_steps=2),
+    )
     trainer = fit(tiny_trainer, module, steps=3, enable_checkpointing=False)
     assert len(logged(trainer, "train/kl/mc/within_prompt_var")) == 3
     assert logged(trainer, "train/lr") == pytest.approx([5e-4, 1e-3, 1e-3])
@@ -73,7 +83,7 @@ def test_a_non_finite_reward_names_the_text(tiny_trainer):
 
 
 def test_a_prompt_longer_than_the_context_is_refused():
-    module = RBKLModule(max_new_tokens=60)  # the builtin model has 64 positions
+    module = RBKLModule(sampling=Sampling(max_new_tokens=60))  # the builtin model has 64 positions
     with pytest.raises(ValueError, match="exceeds the model's context of 64 tokens"):
         module.encode_prompts(["the movie was good and the plot was fine"])
 
@@ -81,8 +91,8 @@ def test_a_prompt_longer_than_the_context_is_refused():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"samples_per_prompt": 1}, "samples_per_prompt must be >= 2"),
-        ({"beta": -1.0}, "beta must be >= 0"),
+        ({"sampling": {"samples_per_prompt": 1}}, "samples_per_prompt must be >= 2"),
+        ({"objective": {"beta": -1.0}}, "beta must be >= 0"),
         ({"policy": "builtin:nope"}, "unknown builtin model"),
         ({"dtype": "float16"}, "dtype must be one of"),
     ],
@@ -100,7 +110,7 @@ class LengthReward(Reward):
 
 
 def test_bfloat16_weights_train_a_step(tiny_trainer):
-    module = RBKLModule(reward=LengthReward(), dtype="bfloat16", lr=1e-2)
+    module = RBKLModule(reward=LengthReward(), dtype="bfloat16", optimization=Optimization(lr=1e-2))
     assert next(module.policy.parameters()).dtype == torch.bfloat16
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     trainer = fit(tiny_trainer, module, steps=1, enable_checkpointing=False)
@@ -115,30 +125,27 @@ class WeightsAtStart(L.Callback):
 
 
 @pytest.mark.slow
-def test_training_resumes_from_the_last_checkpoint(tmp_path):
+def test_training_resumes_from_the_last_checkpoint(tiny_trainer, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from {{ cookiecutter.package_name }}.callbacks import RewardVsKLPlot
 
     def trainer(epochs):
-        return L.Trainer(
-            accelerator="cpu",
-            max_epochs=epochs,
-            logger=CSVLogger(tmp_path, name="run"),
-            callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), RewardVsKLPlot()],
-            enable_progress_bar=False,
-            limit_train_batches=2,
-            log_every_n_steps=1,
-        )
+        callbacks = [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), RewardVsKLPlot()]
+        return tiny_trainer(max_epochs=epochs, callbacks=callbacks, limit_train_batches=2)
 
     L.seed_everything(0)
     first = trainer(1)
-    module = RBKLModule(reward=KeywordReward(["good"]), lr=3e-3, val_samples_per_prompt=2)
+    module = RBKLModule(
+        reward=KeywordReward(["good"]), optimization=Optimization(lr=3e-3), sampling=Sampling(val_samples_per_prompt=2)
+    )
     first.fit(module, PromptDataModule(batch_size=8))
     trained = {k: v.clone() for k, v in module.policy.state_dict().items()}
 
     second = trainer(2)
-    resumed = RBKLModule(reward=KeywordReward(["good"]), lr=3e-3, val_samples_per_prompt=2)
+    resumed = RBKLModule(
+        reward=KeywordReward(["good"]), optimization=Optimization(lr=3e-3), sampling=Sampling(val_samples_per_prompt=2)
+    )
     probe = WeightsAtStart()
     second.callbacks.append(probe)
     second.fit(resumed, PromptDataModule(batch_size=8), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
@@ -160,7 +167,7 @@ class RolloutRecorder(RBKLModule):
 def test_bf16_mixed_step_logs_the_rb_kl_of_its_own_logits(tiny_trainer):
     # Under bf16 autocast the LM heads return bf16 logits; the KL computed from them must be the
     # float32 KL of those very logits, not a bf16 rounding of its large cancelling terms.
-    module = RolloutRecorder(reward=KeywordReward(["good"]), samples_per_prompt=4)
+    module = RolloutRecorder(reward=KeywordReward(["good"]), sampling=Sampling(samples_per_prompt=4))
     module.rollouts, heads = [], []
     for model in (module.policy, module.reference):
         model.lm_head.register_forward_hook(lambda head, args, out: heads.append(out.detach().clone()))

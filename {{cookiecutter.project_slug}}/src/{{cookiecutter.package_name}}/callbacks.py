@@ -235,7 +235,7 @@ class KLReport(L.Callback):
             # With LoRA and no reference named, the reference is the policy's base (adapter off).
             policy=h.policy + (" + LoRA adapter" if h.get("lora") else ""),
             reference=h.reference or h.policy,
-            max_new_tokens=h.max_new_tokens,
+            max_new_tokens=pl_module.sampling.max_new_tokens,
         )
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "kl_report.json").write_text(json.dumps(report, indent=2))

@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .data import PromptDataModule
+from .lightning_internals import ExplicitValuesWin
 from .module import RBKLModule
 from .runs import (
     LastCheckpoint,
@@ -43,7 +44,7 @@ HELP = (
 )
 
 
-class CLI(LightningCLI):
+class CLI(ExplicitValuesWin, LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # last.ckpt every N optimizer steps, at the end, and on SIGTERM/SIGINT (the current step):
         # `--ckpt_path last` resumes from it. Epoch checkpoints come from the callback list below.
@@ -87,7 +88,9 @@ class CLI(LightningCLI):
             if not path.is_file():
                 sys.exit(f"error: --ckpt_path {ckpt_path}: no such checkpoint file")
         saved = read_checkpoint(path)
-        saved_model = model_config(saved["hparams"])
+        saved_model, moved = model_config(saved["hparams"])
+        if moved:
+            print(f"{path} predates the option groups; its options are read as: {', '.join(moved)}", file=sys.stderr)
         if saved_model is not None:
             # The checkpoint's model settings go first: every value given in a config file or on
             # the command line comes later and wins; what is not given stays the checkpoint's.
@@ -96,12 +99,9 @@ class CLI(LightningCLI):
         self.config = parser.parse_args(argv)
         self.config[subcommand]["ckpt_path"] = str(path)
         if saved_model is not None:
-            now = self.config[subcommand]["model"]["init_args"]
+            now = self.config[subcommand]["model"]["init_args"].as_dict()
             warn_objective_changes(objective_changes(saved_model["init_args"], now))
         self.resumed_from = (path, saved)
-
-    def _parse_ckpt_path(self) -> None:
-        """Lightning's version lets the checkpoint override explicit values: parse_arguments does it right."""
 
     def _logger_args(self, subcommand: str):
         """The logger's init_args in the parsed config (empty when the logger is off or not configurable)."""
@@ -144,12 +144,6 @@ class CLI(LightningCLI):
         # The first run's config.yaml stays; this resume's is written beside it.
         self.save_config_kwargs["config_filename"] = f"config.resumed-at-step-{step}.yaml"
 
-    def before_fit(self) -> None:
-        # Before Lightning's own check, whose advice (switch to automatic optimization) does not apply.
-        check = getattr(self.model, "check_trainer", None)
-        if check is not None:
-            check(self.trainer)
-
     def after_fit(self) -> None:
         run_dir = self.trainer.log_dir  # every rank: a broadcast under DDP
         if self.trainer.is_global_zero and run_dir:
@@ -184,7 +178,7 @@ def _innermost(error: BaseException) -> BaseException:
 
 
 def _parse_error_summary(message: str) -> str:
-    """'model.init_args.kl_gradient: Expected ...' from jsonargparse's nested error text."""
+    """'model.init_args.objective.kl_gradient: Expected ...' from jsonargparse's nested error text."""
     keys, detail = [], message.strip().splitlines()[-1].strip()
     lines = [line.strip() for line in message.splitlines()]
     for i, line in enumerate(lines):

@@ -17,7 +17,7 @@ import csv
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from .metrics import kl_key, reward_key
 
 KL_KEY, REWARD_KEY = kl_key("val", "rb", "mean"), reward_key("val", "mean")
 MANIFEST = "manifest.json"  # written by sweep.py in a sweep folder
-ESTIMATOR_KEY = "model.init_args.kl_gradient"
+ESTIMATOR_KEY = "model.init_args.objective.kl_gradient"
 
 
 def pareto_frontier(points: Sequence[tuple[float, float]]) -> set[int]:
@@ -42,6 +42,19 @@ def pareto_frontier(points: Sequence[tuple[float, float]]) -> set[int]:
         if not dominated:
             frontier.add(i)
     return frontier
+
+
+def option(hparams: Mapping, name: str, default=None):
+    """A module option from hparams.yaml by name: 'beta' finds objective.beta; 'objective.beta' too."""
+    value = hparams
+    for part in name.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            break
+        value = value[part]
+    else:
+        return value
+    groups = [v for v in hparams.values() if isinstance(v, Mapping) and name in v]
+    return groups[0][name] if groups else default
 
 
 def load_run(path: Path, kl_key: str, reward_key: str, group_key: str) -> dict:
@@ -71,8 +84,8 @@ def load_run(path: Path, kl_key: str, reward_key: str, group_key: str) -> dict:
         "run": str(csv_path.parent),
         "kl": kl,
         "reward": reward,
-        group_key: hparams.get(group_key, "unknown"),
-        "beta": hparams.get("beta"),
+        group_key: option(hparams, group_key, "unknown"),
+        "beta": option(hparams, "beta"),
     }
 
 
@@ -115,7 +128,7 @@ def compare(
 
 
 def point_label(point: dict, sep: str = ", ") -> str:
-    """'beta=0.02, kl_gradient=rb' for a grid point {'model.init_args.beta': '0.02', ...}."""
+    """'beta=0.02, kl_gradient=rb' for a grid point {'model.init_args.objective.beta': '0.02', ...}."""
     return sep.join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())
 
 
@@ -142,6 +155,26 @@ def sweep_summary(
     with fewer than 3 seeds in some grid point there is no interval.
     """
     manifest = json.loads((sweep_dir / MANIFEST).read_text())
+    by_point, skipped = runs_by_point(manifest, kl_key, reward_key)
+    if not by_point:
+        raise ValueError(f"{sweep_dir}: no run of the sweep has a validation result yet")
+    grid_points = [grid_point_row(label, by_point[label]) for label in sorted(by_point)]
+    summary = {
+        "sweep": str(sweep_dir),
+        "kl_key": kl_key,
+        "reward_key": reward_key,
+        "grid_points": grid_points,
+        "frontier_share": frontier_shares(by_point, resamples, seed),
+        "skipped": skipped,
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "pareto.json").write_text(json.dumps(summary, indent=2))
+    plots.sweep_pareto(grid_points).savefig(output / "pareto.png")
+    return summary
+
+
+def runs_by_point(manifest: dict, kl_key: str, reward_key: str) -> tuple[dict[str, list[dict]], list[dict]]:
+    """The sweep's finished runs grouped by grid-point label, and the runs that could not be read."""
     by_point: dict[str, list[dict]] = {}
     skipped = []
     for rid, run in manifest["runs"].items():
@@ -151,24 +184,28 @@ def sweep_summary(
             skipped.append({"run": rid, "reason": str(err)})
             continue
         point = dict(run["point"])
-        label = point_label(point)
         estimator = str(point.get(ESTIMATOR_KEY, loaded["kl_gradient"]))
-        by_point.setdefault(label, []).append({**loaded, "seed": run["seed"], "estimator": estimator, "point": point})
-    if not by_point:
-        raise ValueError(f"{sweep_dir}: no run of the sweep has a validation result yet")
+        entry = {**loaded, "seed": run["seed"], "estimator": estimator, "point": point}
+        by_point.setdefault(point_label(point), []).append(entry)
+    return by_point, skipped
+
+
+def grid_point_row(label: str, runs: list[dict]) -> dict:
+    """Mean and t interval over seeds of the final KL and reward of one grid point."""
+    row = {"label": label, "point": runs[0]["point"], "estimator": runs[0]["estimator"], "seeds": len(runs)}
+    for what in ("kl", "reward"):
+        values = np.array([r[what] for r in runs])
+        mean = float(values.mean())
+        sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+        row[f"{what}_mean"] = mean
+        row[f"{what}_ci95"] = interval(mean, sem, df=len(values) - 1) if len(values) > 1 else None
+    return row
+
+
+def frontier_shares(by_point: dict[str, list[dict]], resamples: int, seed: int) -> dict:
+    """Each estimator's share of the frontier over runs and over grid-point means, with bootstrap intervals."""
     labels = sorted(by_point)
     seeds = {label: len(by_point[label]) for label in labels}
-    grid_points = []
-    for label in labels:
-        runs = by_point[label]
-        row = {"label": label, "point": runs[0]["point"], "estimator": runs[0]["estimator"], "seeds": len(runs)}
-        for what in ("kl", "reward"):
-            values = np.array([r[what] for r in runs])
-            mean = float(values.mean())
-            sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
-            row[f"{what}_mean"] = mean
-            row[f"{what}_ci95"] = interval(mean, sem, df=len(values) - 1) if len(values) > 1 else None
-        grid_points.append(row)
 
     def shares(sample: dict[str, list[dict]]) -> tuple[dict[str, float], dict[str, float]]:
         runs = [r for label in labels for r in sample[label]]
@@ -184,31 +221,20 @@ def sweep_summary(
         for entry in result.values():
             entry["ci95"] = None
             entry["note"] = note
-    else:
-        rng = np.random.default_rng(seed)
-        draws: dict[str, dict[str, list[float]]] = {"over_runs": {}, "over_grid_point_means": {}}
-        for _ in range(resamples):
-            sample = {lb: [by_point[lb][i] for i in rng.integers(0, seeds[lb], seeds[lb])] for lb in labels}
-            for name, share in zip(draws, shares(sample), strict=True):
-                for group, value in share.items():
-                    draws[name].setdefault(group, []).append(value)
-        for name, per_group in draws.items():
-            result[name]["ci95"] = {
-                g: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for g, v in per_group.items()
-            }
-            result[name]["resamples"] = resamples
-    summary = {
-        "sweep": str(sweep_dir),
-        "kl_key": kl_key,
-        "reward_key": reward_key,
-        "grid_points": grid_points,
-        "frontier_share": result,
-        "skipped": skipped,
-    }
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "pareto.json").write_text(json.dumps(summary, indent=2))
-    plots.sweep_pareto(grid_points).savefig(output / "pareto.png")
-    return summary
+        return result
+    rng = np.random.default_rng(seed)
+    draws: dict[str, dict[str, list[float]]] = {"over_runs": {}, "over_grid_point_means": {}}
+    for _ in range(resamples):
+        sample = {lb: [by_point[lb][i] for i in rng.integers(0, seeds[lb], seeds[lb])] for lb in labels}
+        for name, share in zip(draws, shares(sample), strict=True):
+            for group, value in share.items():
+                draws[name].setdefault(group, []).append(value)
+    for name, per_group in draws.items():
+        result[name]["ci95"] = {
+            g: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for g, v in per_group.items()
+        }
+        result[name]["resamples"] = resamples
+    return result
 
 
 def print_sweep(summary: dict) -> None:

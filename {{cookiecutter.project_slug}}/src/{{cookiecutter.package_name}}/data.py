@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from .lightning_internals import batches_done_in_restarted_epoch
 from .vocabulary import TRAIN_PROMPTS, VAL_PROMPTS
 
 
@@ -171,10 +172,7 @@ class PromptDataModule(L.LightningDataModule):
     def _items_done(self) -> int:
         # Resuming mid-epoch: Lightning has restored its loop by the time an epoch's iteration
         # starts, and the order continues after the batches already trained on.
-        loop = self.trainer.fit_loop if self.trainer is not None else None
-        if loop is None or not loop.restarting:
-            return 0
-        return loop.epoch_loop.batch_progress.current.completed * self.hparams.batch_size
+        return batches_done_in_restarted_epoch(self.trainer) * self.hparams.batch_size
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_prompts, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=list)

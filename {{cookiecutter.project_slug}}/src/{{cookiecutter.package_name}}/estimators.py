@@ -167,15 +167,33 @@ def kl_to_go(kl: Tensor) -> Tensor:
     return kl.flip(-1).cumsum(-1).flip(-1) - kl
 
 
-def kl_surrogate(stats: TokenStats, mask: Tensor, estimator: str, *, baseline: Tensor | None = None) -> Tensor:
+def leave_one_out_mean(values: Tensor, k: int) -> Tensor:
+    """[N, ...] grouped as N/k prompts with k adjacent samples -> mean over the other k-1 samples."""
+    if k < 2:
+        raise ValueError(f"a leave-one-out baseline needs at least 2 samples per prompt, got {k}")
+    if values.shape[0] % k:
+        raise ValueError(f"{values.shape[0]} samples do not split into groups of {k}")
+    grouped = values.reshape(-1, k, *values.shape[1:])
+    return ((grouped.sum(1, keepdim=True) - grouped) / (k - 1)).reshape(values.shape)
+
+
+def kl_surrogate(
+    stats: TokenStats,
+    mask: Tensor,
+    estimator: str,
+    *,
+    baseline: Tensor | None = None,
+    group_size: int | None = None,
+) -> Tensor:
     """Per-sample surrogate [B] whose gradient, averaged over y ~ p, is grad KL(p || q).
 
     mc: sum_s logp_s * [sum_t d_t - b]                    (score function; E[grad f] = 0 dropped)
     rb: sum_t KL_t + sum_s logp_s * [sum_{t>s} KL_t - b]  (pathwise + causal score function)
 
-    `baseline` ([B], or [B, T] for a per-position baseline) must not depend on the sample it is
-    subtracted from, e.g. the mean over the other samples of the same prompt; it keeps the
-    estimate unbiased and lowers its variance.
+    The baseline b must not depend on the sample it is subtracted from; it keeps the estimate
+    unbiased and lowers its variance. `group_size` k: b is the same weight's mean over the other
+    k - 1 samples of the prompt (k adjacent samples each, per position for rb); or `baseline`
+    ([B], or [B, T] per position) gives b directly.
     """
     check_estimator(estimator, GRADIENT_ESTIMATORS)
     if estimator == "rb" and stats.logp.requires_grad and not stats.kl.requires_grad:
@@ -188,6 +206,8 @@ def kl_surrogate(stats: TokenStats, mask: Tensor, estimator: str, *, baseline: T
         weight = (stats.logp - stats.logq).detach().sum(-1, keepdim=True)  # [B, 1]
     else:
         weight = kl_to_go(stats.kl.detach())  # [B, T]
+    if group_size is not None:
+        weight = weight - leave_one_out_mean(weight, group_size)
     if baseline is not None:
         b = baseline.detach()
         weight = weight - (b.unsqueeze(-1) if b.dim() == 1 else b)
@@ -222,9 +242,7 @@ def sequence_kl(
             may overwrite them instead of allocating [B, T, V] buffers (token_stats.py).
     """
     check_estimator(estimator)
-    stats = masked_token_stats(
-        policy_logits, ref_logits, tokens, mask, kl_grad=estimator == "rb", chunk_rows=chunk_rows, inplace=inplace
-    )
+    stats = _stats_for(estimator, policy_logits, ref_logits, tokens, mask, chunk_rows, inplace)
     return kl_values(stats, mask, estimator, alpha=alpha)
 
 
@@ -246,7 +264,21 @@ def kl_grad_surrogate(
     `estimator` is "mc" or "rb" (causal KL-to-go form, docs/estimators.md §4).
     """
     check_estimator(estimator, GRADIENT_ESTIMATORS)
-    stats = masked_token_stats(
-        policy_logits, ref_logits, tokens, mask, kl_grad=estimator == "rb", chunk_rows=chunk_rows, inplace=inplace
-    )
+    stats = _stats_for(estimator, policy_logits, ref_logits, tokens, mask, chunk_rows, inplace)
     return kl_surrogate(stats, mask, estimator, baseline=baseline)
+
+
+def _stats_for(
+    estimator: str,
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    chunk_rows: int | None,
+    inplace: bool,
+) -> TokenStats:
+    # Only rb reads the per-token KL's gradient; the others skip the reference in backward.
+    kl_grad = estimator == "rb"
+    return masked_token_stats(
+        policy_logits, ref_logits, tokens, mask, kl_grad=kl_grad, chunk_rows=chunk_rows, inplace=inplace
+    )

@@ -8,6 +8,7 @@ so the offline default trains with no download at all.
 from __future__ import annotations
 
 import warnings
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase

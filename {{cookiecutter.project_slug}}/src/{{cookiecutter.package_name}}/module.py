@@ -21,6 +21,7 @@ Subclass it for new tasks: override `score` (rewards), `encode_prompts` (prompt 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
@@ -29,11 +30,12 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
 from .estimators import LOGGED_ESTIMATORS, all_kl_values
+from .lightning_internals import attached_trainer
 from .metrics import STAGES, EstimatorStudy
 from .model_pair import ModelPair
 from .models import freeze
 from .objective import LossParts, Objective, StepOutput, rloo_kl_loss
-from .options import LoRA, Optimizer, Sampling, Updates, as_group
+from .options import LoRA, Optimization, Sampling, Updates, as_group
 from .rewards import Reward
 from .rollout import PromptEncoder, ResponseSampler, Rollout, score_responses
 from .schedules import lr_lambda
@@ -42,6 +44,9 @@ from .training_log import log_batch, should_log
 from .updater import Updater
 
 __all__ = ["RBKLModule", "Rollout", "StepOutput"]
+# Frozen, so one instance can be every module's default.
+DEFAULT_OBJECTIVE, DEFAULT_SAMPLING, DEFAULT_UPDATES = Objective(), Sampling(), Updates()
+DEFAULT_OPTIMIZATION = Optimization()
 
 
 class RBKLModule(L.LightningModule):
@@ -51,34 +56,13 @@ class RBKLModule(L.LightningModule):
         reference: str | None = None,
         tokenizer: str | None = None,
         reward: Reward | None = None,
-        kl_gradient: Literal["rb", "mc"] = "rb",
-        beta: float = 0.05,
-        samples_per_prompt: int = 2,
-        max_new_tokens: int = 16,
-        val_samples_per_prompt: int = 8,
-        test_samples_per_prompt: int = 16,
-        lr: float = 3e-5,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        lr_decay: Literal["constant", "linear", "cosine"] = "constant",
         dtype: Literal["float32", "bfloat16"] = "float32",
         trust_remote_code: bool = False,
-        generation_kwargs: dict[str, Any] | None = None,
-        sampler: Literal["fast", "hf"] = "fast",
-        decode_cache: Literal["dynamic", "static"] = "dynamic",
-        compile_decode: bool = False,
-        kl_chunk_rows: int | None = None,
-        kl_placement: Literal["loss", "reward"] = "loss",
-        reward_kl_estimator: Literal["mc", "k3", "cv", "rb"] = "rb",
-        detach_reward_kl: bool = False,
-        advantage: Literal["rloo", "grpo"] = "rloo",
-        ppo_epochs: int = 1,
-        minibatches: int = 1,
-        clip_range: float | None = None,
-        micro_batches: int = 1,
-        gradient_clip_val: float | None = None,
-        lora: dict[str, Any] | None = None,
-        chat_template: bool = False,
+        objective: Objective = DEFAULT_OBJECTIVE,
+        sampling: Sampling = DEFAULT_SAMPLING,
+        updates: Updates = DEFAULT_UPDATES,
+        optimization: Optimization = DEFAULT_OPTIMIZATION,
+        lora: LoRA | None = None,
     ):
         """
         Args:
@@ -86,72 +70,34 @@ class RBKLModule(L.LightningModule):
             reference: the frozen model of the KL term (the teacher, for distillation); default: policy.
             tokenizer: tokenizer name or folder; default: policy.
             reward: callable (prompts, responses) -> Tensor[N], set by class_path; None: no reward (pure KL).
-            kl_gradient: estimator of grad KL when kl_placement is "loss": "rb" (Rao-Blackwellized) or
-                "mc" (score function).
-            beta: KL coefficient.
-            samples_per_prompt: k responses per prompt for the leave-one-out baseline (>= 2).
-            max_new_tokens: length limit of a response; longer ones are truncated (and count as such).
-            val_samples_per_prompt: M responses per validation prompt for the estimator study (>= 2).
-            test_samples_per_prompt: M responses per prompt in `train.py test`, the KL evaluation (>= 2).
-            lr: AdamW learning rate.
-            weight_decay: AdamW weight decay.
-            warmup_steps: linear warmup from 0 to lr over this many optimizer steps.
-            lr_decay: after warmup: "constant", or "linear"/"cosine" decay to 0 at the last step.
             dtype: weights of policy and reference: "float32" or "bfloat16".
             trust_remote_code: allow code shipped with a checkpoint to run (off unless you trust it).
-            generation_kwargs: extra generate settings; any that would change the sampled distribution is refused.
-            sampler: "fast" (a KV-cache decode loop with exact inverse-CDF sampling) or "hf" (Hugging
-                Face generate, for architectures whose cache the loop cannot drive).
-            decode_cache: the fast sampler's KV cache: "dynamic" (grows per token) or "static"
-                (preallocated; fixed shapes, which compile_decode needs).
-            compile_decode: run the fast sampler's decode steps through torch.compile (CUDA graphs
-                on a GPU); needs decode_cache "static". The first batches pay the compilation.
-            kl_chunk_rows: positions per chunk in the fused full-vocabulary KL op (None: automatic).
-            kl_placement: "loss" (the KL gradient estimator beside the reward term) or "reward"
-                (R - beta * kl per sample before the baseline, as TRL and the paper's code).
-            reward_kl_estimator: kl in the reward: "mc", "k3", "cv" (alpha = 1) or "rb".
-            detach_reward_kl: drop kl's own (pathwise) gradient; then only "mc" stays unbiased.
-            advantage: "rloo" (leave-one-out baseline) or "grpo" (group mean and std; the std
-                scaling changes the objective).
-            ppo_epochs: passes over each sampled batch (>= 1); later passes are importance-weighted.
-            minibatches: optimizer steps per pass, each on whole prompt groups (must divide the batch).
-            clip_range: PPO clipping of the sequence ratio in the advantage term (None: no clipping).
-            micro_batches: gradient accumulation: each minibatch's forward and backward in this many
-                pieces of whole prompt groups (less memory, same update). Replaces the trainer's
-                accumulate_grad_batches.
-            gradient_clip_val: clip the gradient norm before each optimizer step (None: no clipping).
-                Replaces the trainer's gradient_clip_val.
-            lora: train a LoRA adapter: {r, alpha, target_modules} (peft; dropout must be 0). With no
-                separate reference, the reference is the policy with its adapter off: one model in memory.
-            chat_template: format each prompt as a user message with the tokenizer's chat template.
+            objective: how the loss combines reward and KL (beta, kl_gradient, kl_placement, ...).
+            sampling: how responses are drawn (samples_per_prompt, max_new_tokens, sampler, ...).
+            updates: how a sampled batch becomes optimizer steps (ppo_epochs, minibatches, micro_batches, ...).
+            optimization: AdamW and its learning-rate schedule (lr, weight_decay, warmup_steps, lr_decay).
+            lora: train a LoRA adapter ({r, alpha, target_modules}); None: full fine-tuning.
         """
         super().__init__()
-        self.objective = Objective(
-            beta, kl_gradient, kl_placement, reward_kl_estimator, detach_reward_kl, advantage, clip_range
-        )
-        self.sampling = Sampling(
-            samples_per_prompt,
-            max_new_tokens,
-            val_samples_per_prompt,
-            test_samples_per_prompt,
-            sampler,
-            decode_cache,
-            compile_decode,
-            generation_kwargs,
-            chat_template,
-        )
-        self.updates = Updates(ppo_epochs, minibatches, micro_batches, gradient_clip_val, kl_chunk_rows)
-        self.optimization = Optimizer(lr, weight_decay, warmup_steps, lr_decay)
-        lora_settings = None if lora is None else as_group(LoRA, lora, "lora")
+        # Each group is also accepted as a dict of its fields (what a checkpoint holds).
+        self.objective = as_group(Objective, objective, "objective")
+        self.sampling = as_group(Sampling, sampling, "sampling")
+        self.updates = as_group(Updates, updates, "updates")
+        self.optimization = as_group(Optimization, optimization, "optimization")
+        self.lora = None if lora is None else as_group(LoRA, lora, "lora")
+        # The hyperparameters (checkpoints, hparams.yaml) hold every group as a plain dict, which a
+        # resume and load_from_checkpoint pass back: save_hyperparameters reads these local names.
+        objective, sampling = asdict(self.objective), asdict(self.sampling)
+        updates, optimization = asdict(self.updates), asdict(self.optimization)
+        lora = None if self.lora is None else asdict(self.lora)
         self.save_hyperparameters(ignore=["reward"])
         # Several optimizer steps per batch: the module steps the optimizer itself (updater.py).
         self.automatic_optimization = False
-        self.pair = ModelPair.load(policy, reference, tokenizer, dtype, trust_remote_code, lora_settings)
+        self.pair = ModelPair.load(policy, reference, tokenizer, dtype, trust_remote_code, self.lora)
         self.policy, self.reference, self.tokenizer = self.pair.policy, self.pair.reference, self.pair.tokenizer
         self.reward = freeze(reward) if isinstance(reward, nn.Module) else reward
         self.train()  # every model in eval mode from the start, not only after Lightning's first switch
-        context = self.pair.context_length()
-        s = self.sampling
+        s, context = self.sampling, self.pair.context_length()
         self.prompt_encoder = PromptEncoder(
             self.tokenizer, s.max_new_tokens, context, s.chat_template, tokenizer or policy
         )
@@ -232,12 +178,12 @@ class RBKLModule(L.LightningModule):
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 "trainer.accumulate_grad_batches is not used by this module, which steps its optimizer itself: "
-                "set model.init_args.micro_batches (gradient accumulation over whole prompt groups) instead"
+                "set model.init_args.updates.micro_batches (gradient accumulation over whole prompt groups) instead"
             )
         if trainer.gradient_clip_val is not None:
             raise ValueError(
                 "trainer.gradient_clip_val is not used by this module, which steps its optimizer itself: set "
-                "model.init_args.gradient_clip_val instead"
+                "model.init_args.updates.gradient_clip_val instead"
             )
 
     def setup(self, stage: str) -> None:
@@ -267,7 +213,8 @@ class RBKLModule(L.LightningModule):
         ids, mask = self.encode_prompts(prompts)
         # Sharded weights are gathered layer by layer in every forward: ranks that finish early
         # must keep stepping until all are done, or the others wait forever.
-        synced = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        trainer = attached_trainer(self)
+        synced = trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
         samples = self.sampler(ids, mask, k, synced=synced)
         repeated = [p for p in prompts for _ in range(k)]
         responses = self.sampler.decode(samples)

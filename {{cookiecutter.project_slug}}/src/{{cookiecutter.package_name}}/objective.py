@@ -36,7 +36,14 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from .estimators import GRADIENT_ESTIMATORS, all_kl_values, check_estimator, kl_surrogate, kl_to_go, kl_values
+from .estimators import (
+    GRADIENT_ESTIMATORS,
+    all_kl_values,
+    check_estimator,
+    kl_surrogate,
+    kl_values,
+    leave_one_out_mean,
+)
 from .token_stats import TokenStats
 
 GradientEstimator = Literal["rb", "mc"]
@@ -49,16 +56,6 @@ KL_PLACEMENTS, REWARD_KL_ESTIMATORS, ADVANTAGES = (
     get_args(Advantage),
 )
 GRPO_EPS = 1e-4  # as TRL's GRPO: a group of equal rewards gets advantage 0, not 0/0
-
-
-def leave_one_out_mean(values: Tensor, k: int) -> Tensor:
-    """[N, ...] grouped as N/k prompts with k adjacent samples -> mean over the other k-1 samples."""
-    if k < 2:
-        raise ValueError(f"a leave-one-out baseline needs at least 2 samples per prompt, got {k}")
-    if values.shape[0] % k:
-        raise ValueError(f"{values.shape[0]} samples do not split into groups of {k}")
-    grouped = values.reshape(-1, k, *values.shape[1:])
-    return ((grouped.sum(1, keepdim=True) - grouped) / (k - 1)).reshape(values.shape)
 
 
 def group_advantage(values: Tensor, k: int, kind: str = "rloo") -> Tensor:
@@ -163,12 +160,8 @@ def rloo_kl_loss(
 
     if o.kl_placement == "loss":
         advantage = group_advantage(rewards, k, o.advantage).detach()
-        if o.kl_gradient == "rb":
-            # Per position: the other samples' KL still to come at the same position.
-            kl_baseline = leave_one_out_mean(kl_to_go(stats.kl.detach()), k)  # [N, T]
-        else:
-            kl_baseline = leave_one_out_mean((stats.logp - stats.logq).detach().sum(-1), k)  # [N]
-        kl_term = kl_surrogate(stats, mask, o.kl_gradient, baseline=kl_baseline)  # [N]
+        # Baseline: the other samples' weight (for rb per position: their KL still to come).
+        kl_term = kl_surrogate(stats, mask, o.kl_gradient, group_size=k)  # [N]
     else:
         kl = kl_values(stats, mask, o.reward_kl_estimator)  # [N], differentiable with y fixed
         advantage = group_advantage(rewards - o.beta * kl.detach(), k, o.advantage).detach()

@@ -113,7 +113,7 @@ class Updates:
 
 
 @dataclass(frozen=True)
-class Optimizer:
+class Optimization:
     """AdamW over the policy's trainable weights, with a learning-rate schedule in optimizer steps.
 
     Args:
@@ -179,3 +179,22 @@ def as_group(cls: type[Group], value: Group | dict[str, Any] | None, name: str) 
     if unknown:
         raise ValueError(f"unknown {name} setting(s) {', '.join(unknown)}; valid ones are {', '.join(valid)}")
     return cls(**value)
+
+
+def option_groups() -> dict[str, type]:
+    """The groups of `RBKLModule`'s options by argument name (LoRA aside: None is meaningful)."""
+    from .objective import Objective  # the objective's group lives with the loss it configures
+
+    return {"objective": Objective, "sampling": Sampling, "updates": Updates, "optimization": Optimization}
+
+
+def nest_flat_options(hparams: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A checkpoint's hyperparameters written before the options were grouped (`beta`, `lr`, ... at the
+    top level) -> the grouped form, and the names that moved; grouped ones come back unchanged."""
+    nested, moved = dict(hparams), []
+    for group, cls in option_groups().items():
+        flat = [f.name for f in dataclasses.fields(cls) if f.name in nested]
+        if flat:
+            nested[group] = {**(nested.get(group) or {}), **{name: nested.pop(name) for name in flat}}
+            moved += [f"{name} -> {group}.{name}" for name in flat]
+    return nested, moved

@@ -22,32 +22,27 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-# Settings whose change between the checkpoint and the resumed run changes what is optimised.
+from .lightning_internals import (
+    appending_experiment,
+    every_n_train_steps,
+    last_saved_step,
+    save_step_checkpoint,
+    saves_on_a_timer,
+)
+from .options import nest_flat_options
+
+# Settings whose change between the checkpoint and the resumed run changes what is optimised
+# (a group's name covers all its fields).
 OBJECTIVE_SETTINGS = (
     "policy",
     "reference",
-    "beta",
-    "kl_gradient",
-    "samples_per_prompt",
-    "kl_placement",
-    "reward_kl_estimator",
-    "detach_reward_kl",
-    "advantage",
-    "ppo_epochs",
-    "minibatches",
-    "clip_range",
+    "objective",
+    "sampling.samples_per_prompt",
+    "updates.ppo_epochs",
+    "updates.minibatches",
     "lora",
 )
 CHECKPOINTS_DIR = "checkpoints"
-
-
-class _AppendingWriter(ExperimentWriter):
-    def _check_log_dir_exists(self) -> None:
-        # Lightning's writer deletes an existing metrics.csv; a resumed run appends to it instead
-        # (the CLI has already dropped the rows past the checkpoint's step).
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                self.metrics_keys = sorted(next(csv.reader(f), []))
 
 
 class RunLogger(CSVLogger):
@@ -71,10 +66,7 @@ class RunLogger(CSVLogger):
 
     @property
     def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
+        return appending_experiment(self)
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -89,23 +81,17 @@ class LastCheckpoint(ModelCheckpoint):
         self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int):
-        if pl_module.automatic_optimization or self._train_time_interval is not None:
+        if pl_module.automatic_optimization or saves_on_a_timer(self):
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        every, start = self._every_n_train_steps, getattr(self, "_step_at_batch_start", trainer.global_step)
-        if every < 1 or trainer.global_step // every == start // every or self._should_skip_saving_checkpoint(trainer):
-            return
-        candidates = self._monitor_candidates(trainer)
-        if self.monitor is not None and self.monitor not in candidates:
-            self._defer_save_until_validation = True
-            return
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
+        every, start = every_n_train_steps(self), getattr(self, "_step_at_batch_start", trainer.global_step)
+        if every >= 1 and trainer.global_step // every > start // every:
+            save_step_checkpoint(self, trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         # A save at this very step already holds it, taken mid-epoch: keep that one, which a
         # resume continues exactly (by now Lightning counts the cut-short epoch as finished).
-        saved_now = getattr(self, "_last_global_step_saved", None) == trainer.global_step
+        saved_now = last_saved_step(self) == trainer.global_step
         if self.save_last and self.dirpath is not None and not trainer.fast_dev_run and not saved_now:
             # Every rank calls it: saving is a collective under sharded strategies.
             trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
@@ -140,21 +126,35 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     }
 
 
-def model_config(hparams: Mapping[str, Any]) -> dict[str, Any] | None:
-    """{class_path, init_args} of the module that wrote the checkpoint, from its hyperparameters."""
+def model_config(hparams: Mapping[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+    """{class_path, init_args} of the module that wrote the checkpoint, from its hyperparameters,
+    and the options of an older checkpoint that were moved into their groups (`beta -> objective.beta`)."""
     hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
     class_path = hparams.pop("_class_path", None)
     if class_path is None:
-        return None
-    return {"class_path": class_path, "init_args": hparams}
+        return None, []
+    init_args, moved = nest_flat_options(hparams)
+    return {"class_path": class_path, "init_args": init_args}, moved
+
+
+def dotted(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'objective': {'beta': 0.05}} -> {'objective.beta': 0.05}; a group set to None stays one key."""
+    flat = {}
+    for key, value in options.items():
+        if hasattr(value, "items"):
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def objective_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """'beta: 0.05 -> 0.5' for every objective setting that differs between checkpoint and now."""
+    """'objective.beta: 0.05 -> 0.5' for every objective setting that differs between checkpoint and now."""
+    saved, now = dotted(saved), dotted(now)
     changes = []
-    for key in OBJECTIVE_SETTINGS:
-        if key in saved and key in now and saved[key] != now[key]:
-            changes.append(f"{key}: {saved[key]!r} -> {now[key]!r}")
+    for key in sorted(saved.keys() | now.keys()):
+        if any(key == s or key.startswith(f"{s}.") for s in OBJECTIVE_SETTINGS) and saved.get(key) != now.get(key):
+            changes.append(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}")
     return changes
 
 

@@ -182,6 +182,18 @@ def _all_ranks_done(done: Tensor, synced: bool) -> bool:
     return int(pending) == 0
 
 
+def _attention_buffer(mask: Tensor, cache: Cache | None, max_new_tokens: int) -> Tensor:
+    """[N, W] long: the prompt mask, zeros after it. A preallocated cache gets a mask of its full
+    length, so every decode step has the same shapes; a dynamic one a mask that grows."""
+    n, prompt_len = mask.shape
+    width = prompt_len if cache is None else _cache_length(cache)
+    if cache is not None and width < prompt_len + max_new_tokens:
+        raise ValueError(f"the cache holds {width} positions; prompts and responses need {prompt_len + max_new_tokens}")
+    attention = torch.zeros(n, width, dtype=torch.long, device=mask.device)
+    attention[:, :prompt_len] = mask
+    return attention
+
+
 @torch.no_grad()
 def sample_fast(
     model: PreTrainedModel,
@@ -210,12 +222,7 @@ def sample_fast(
     stops = torch.as_tensor(list(stop_ids), device=ids.device)
     # transformers renamed past_key_values to cache (5.x); the loop speaks whichever the model takes.
     cache_key = "cache" if "cache" in inspect.signature(_unwrapped(model).forward).parameters else "past_key_values"
-    # A preallocated cache gets a mask of its full length, zeros ahead: the same shapes every step.
-    width = prompt_len if cache is None else _cache_length(cache)
-    if cache is not None and width < prompt_len + max_new_tokens:
-        raise ValueError(f"the cache holds {width} positions; prompts and responses need {prompt_len + max_new_tokens}")
-    attention = torch.zeros(n, width, dtype=torch.long, device=ids.device)
-    attention[:, :prompt_len] = mask
+    attention = _attention_buffer(mask, cache, max_new_tokens)
     out = model(
         input_ids=ids,
         attention_mask=attention[:, :prompt_len],

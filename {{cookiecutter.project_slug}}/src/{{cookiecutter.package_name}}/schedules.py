@@ -5,13 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from .options import LrDecay
 
-def lr_lambda(warmup_steps: int, total_steps: int | None, decay: str) -> Callable[[int], float]:
-    """Linear warmup over `warmup_steps`, then constant, or linear/cosine decay to 0 at `total_steps`."""
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if decay not in ("constant", "linear", "cosine"):
-        raise ValueError(f"lr_decay must be constant, linear or cosine, got {decay!r}")
+
+def lr_lambda(warmup_steps: int, total_steps: int | None, decay: LrDecay) -> Callable[[int], float]:
+    """Linear warmup over `warmup_steps`, then constant, or linear/cosine decay to 0 at `total_steps`.
+
+    The values were checked where they were set (options.Optimization); only the number of steps,
+    known once the trainer is, is checked here.
+    """
     if decay != "constant" and not total_steps:
         raise ValueError(f"lr_decay={decay!r} needs a finite number of steps: set trainer.max_steps or max_epochs")
 

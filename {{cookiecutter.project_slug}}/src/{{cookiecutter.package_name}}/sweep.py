@@ -1,7 +1,7 @@
 """Sweeps over a grid of options with several seeds, run locally (README "Sweeps").
 
     python sweep.py --config configs/default.yaml \
-      --grid model.init_args.beta=0.02,0.05,0.1 --grid model.init_args.kl_gradient=rb,mc \
+      --grid model.init_args.objective.beta=0.02,0.05,0.1 --grid model.init_args.objective.kl_gradient=rb,mc \
       --seeds 3 --name beta_sweep --parallel 2 [--trainer.max_epochs=2 ...]
 
 Every grid point x seed is one `train.py fit` with those overrides and `--seed_everything`, in
@@ -45,7 +45,7 @@ NO_LIGHTNING_REQUEUE = {
 
 
 def parse_grid(specs: list[str]) -> dict[str, list[str]]:
-    """['model.init_args.beta=0.02,0.05'] -> {'model.init_args.beta': ['0.02', '0.05']}."""
+    """['model.init_args.objective.beta=0.02,0.05'] -> {'model.init_args.objective.beta': ['0.02', '0.05']}."""
     grid = {}
     for spec in specs:
         key, sep, values = spec.partition("=")
@@ -185,7 +185,7 @@ def submit_slurm(runs: list[SweepRun], sweep_dir: Path, args: argparse.Namespace
     return jobs
 
 
-def main(argv: list[str] | None = None, train: Path = Path("train.py")) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True, help="the task config every run starts from")
     parser.add_argument("--grid", action="append", default=[], help="KEY=V1,V2,...; repeat for more keys")
@@ -201,37 +201,58 @@ def main(argv: list[str] | None = None, train: Path = Path("train.py")) -> int:
     slurm.add_argument(
         "--cluster", choices=["slurm", "local", "debug"], default="slurm", help="submitit executor (local: no cluster)"
     )
-    args, passthrough = parser.parse_known_args(argv)
-    bad = [a for a in passthrough if not (a.startswith("--") and "=" in a)]
-    try:
-        if bad:
-            raise ValueError(f"extra arguments pass to every run as --key=value; got {' '.join(bad)}")
-        if args.seeds < 1 or args.parallel < 1:
-            raise ValueError(f"--seeds and --parallel must be >= 1, got {args.seeds} and {args.parallel}")
-        if not args.config.is_file():
-            raise ValueError(f"--config {args.config}: no such file")
-        grid = parse_grid(args.grid)
-        config = args.config.resolve()
-        base = resolved_config(train, config, passthrough)
-        check_grid_keys(grid, flat_keys(base))
-        save_dir = Path((base["trainer"].get("logger") or {}).get("init_args", {}).get("save_dir", "logs"))
-        sweep_dir = (save_dir / args.name).resolve()
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        manifest = load_manifest(sweep_dir, fingerprint(config, passthrough, grid))
-        devices = str(base["trainer"].get("devices"))
-        if args.launcher == "slurm" and not devices.isdigit():
-            raise ValueError(f"SLURM needs the devices per node as a number: set --trainer.devices=N (got {devices})")
-    except ValueError as err:
-        parser.exit(2, f"error: {err}\n")
+    return parser
 
+
+def prepare(args: argparse.Namespace, passthrough: list[str], train: Path) -> tuple[dict, Path, Path, dict, str]:
+    """Checks the sweep before any run: (grid, config, sweep folder, manifest, devices per node)."""
+    bad = [a for a in passthrough if not (a.startswith("--") and "=" in a)]
+    if bad:
+        raise ValueError(f"extra arguments pass to every run as --key=value; got {' '.join(bad)}")
+    if args.seeds < 1 or args.parallel < 1:
+        raise ValueError(f"--seeds and --parallel must be >= 1, got {args.seeds} and {args.parallel}")
+    if not args.config.is_file():
+        raise ValueError(f"--config {args.config}: no such file")
+    grid = parse_grid(args.grid)
+    config = args.config.resolve()
+    base = resolved_config(train, config, passthrough)
+    check_grid_keys(grid, flat_keys(base))
+    save_dir = Path((base["trainer"].get("logger") or {}).get("init_args", {}).get("save_dir", "logs"))
+    sweep_dir = (save_dir / args.name).resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(sweep_dir, fingerprint(config, passthrough, grid))
+    devices = str(base["trainer"].get("devices"))
+    if args.launcher == "slurm" and not devices.isdigit():
+        raise ValueError(f"SLURM needs the devices per node as a number: set --trainer.devices=N (got {devices})")
+    return grid, config, sweep_dir, manifest, devices
+
+
+def pending_runs(grid: dict, seeds: int, manifest: dict, sweep_dir: Path) -> list[tuple[str, dict, int]]:
+    """(run id, grid point, seed) of every run not yet finished; the manifest gains the new ones."""
     todo = []
-    for values, seed in product(product(*grid.values()), range(args.seeds)):
+    for values, seed in product(product(*grid.values()), range(seeds)):
         point = dict(zip(grid, values, strict=True))
         rid = run_id(point, seed)
         entry = manifest["runs"].setdefault(rid, {"point": point, "seed": seed, "status": "pending"})
         entry["run_dir"] = str(sweep_dir / rid / "version_0")
         if entry["status"] != "finished":
             todo.append((rid, point, seed))
+    return todo
+
+
+def record(manifest: dict, sweep_dir: Path, rid: str, code: int) -> None:
+    manifest["runs"][rid].update(status="finished" if code == 0 else "failed", returncode=code)
+    save_manifest(sweep_dir, manifest)
+
+
+def main(argv: list[str] | None = None, train: Path = Path("train.py")) -> int:
+    parser = build_parser()
+    args, passthrough = parser.parse_known_args(argv)
+    try:
+        grid, config, sweep_dir, manifest, devices = prepare(args, passthrough, train)
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+    todo = pending_runs(grid, args.seeds, manifest, sweep_dir)
     save_manifest(sweep_dir, manifest)
     print(f"{len(manifest['runs'])} runs in {sweep_dir}: {len(todo)} to run, {len(manifest['runs']) - len(todo)} done")
     if args.launcher == "slurm":
@@ -243,10 +264,8 @@ def main(argv: list[str] | None = None, train: Path = Path("train.py")) -> int:
         print(f"submitted {len(jobs)} runs as a job array; `compare-runs {sweep_dir}` once they are done")
         if args.cluster == "slurm":
             return 0
-        codes = [job.result() for job in jobs]  # local or debug executor: wait, as the local launcher does
-        for (rid, _, _), code in zip(todo, codes, strict=True):
-            manifest["runs"][rid].update(status="finished" if code == 0 else "failed", returncode=code)
-        save_manifest(sweep_dir, manifest)
+        for (rid, _, _), job in zip(todo, jobs, strict=True):  # local or debug executor: wait, as locally
+            record(manifest, sweep_dir, rid, job.result())
         todo = []
 
     with Progress() as progress, ThreadPoolExecutor(max_workers=args.parallel) as pool:
@@ -255,10 +274,8 @@ def main(argv: list[str] | None = None, train: Path = Path("train.py")) -> int:
             pool.submit(SweepRun(train, config, point, seed, passthrough, sweep_dir)): rid for rid, point, seed in todo
         }
         for future in as_completed(futures):
-            rid = futures[future]
-            code = future.result()
-            manifest["runs"][rid].update(status="finished" if code == 0 else "failed", returncode=code)
-            save_manifest(sweep_dir, manifest)
+            rid, code = futures[future], future.result()
+            record(manifest, sweep_dir, rid, code)
             if code != 0:
                 progress.console.print(f"run {rid} failed (exit {code}): see {sweep_dir / (rid + '.log')}")
             progress.advance(task)

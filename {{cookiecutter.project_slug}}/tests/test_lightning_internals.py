@@ -1,0 +1,64 @@
+"""Each private Lightning name the project uses (lightning_internals.py) still exists and works as used.
+
+A failure here means the pinned Lightning range in pyproject.toml was widened to a release that
+renamed or changed one of them: mend lightning_internals.py before widening it.
+"""
+
+import csv
+import inspect
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from {{ cookiecutter.package_name }}.lightning_internals import (
+    attached_trainer,
+    batches_done_in_restarted_epoch,
+    every_n_train_steps,
+    last_saved_step,
+    saves_on_a_timer,
+)
+from {{ cookiecutter.package_name }}.runs import RunLogger
+
+
+def parameters(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def test_the_csv_writer_checks_its_folder_in_the_method_replaced_and_a_resumed_run_appends(tmp_path):
+    assert parameters(ExperimentWriter._check_log_dir_exists) == ["self"]
+    run = tmp_path / "run" / "version_0"
+    run.mkdir(parents=True)
+    (run / "metrics.csv").write_text("a,step\n1.0,0\n")
+    logger = RunLogger(str(tmp_path), name="run", version=0)
+    logger.log_metrics({"a": 2.0}, step=1)
+    logger.save()
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [(r["step"], r["a"]) for r in rows] == [("0", "1.0"), ("1", "2.0")]
+
+
+def test_model_checkpoint_still_has_what_step_saves_call():
+    callback = ModelCheckpoint(every_n_train_steps=3)
+    assert every_n_train_steps(callback) == 3 and not saves_on_a_timer(callback) and last_saved_step(callback) == 0
+    assert callback._defer_save_until_validation is False
+    assert parameters(ModelCheckpoint._should_skip_saving_checkpoint) == ["self", "trainer"]
+    assert parameters(ModelCheckpoint._monitor_candidates) == ["self", "trainer"]
+    for name in ("_save_topk_checkpoint", "_save_last_checkpoint"):
+        assert parameters(getattr(ModelCheckpoint, name)) == ["self", "trainer", "monitor_candidates"], name
+
+
+def test_the_fit_loop_counts_the_finished_batches_where_the_data_order_reads_them():
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    loop = trainer.fit_loop
+    assert loop.restarting is False and loop.epoch_loop.batch_progress.current.completed == 0
+    assert batches_done_in_restarted_epoch(trainer) == 0 and batches_done_in_restarted_epoch(None) == 0
+
+
+def test_a_module_without_a_trainer_says_so():
+    assert attached_trainer(L.LightningModule()) is None
+
+
+def test_the_cli_parses_ckpt_path_in_the_method_replaced():
+    assert parameters(LightningCLI._parse_ckpt_path) == ["self"]
+    assert "self._parse_ckpt_path()" in inspect.getsource(LightningCLI)
