@@ -143,7 +143,56 @@ def make_trainer(root: Path, **overrides) -> L.Trainer:
     return L.Trainer(**{**settings, **overrides})
 
 
+class Gradients(L.Callback):
+    """The policy's gradient as the optimizer is about to use it (after any clipping)."""
+
+    def __init__(self):
+        self.gradients = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad.flatten() for p in pl_module.policy.parameters() if p.grad is not None]
+        self.gradients.append(torch.cat(grads).clone())
+
+
 @pytest.fixture
 def tiny_trainer(tmp_path):
     """make_trainer in the test's tmp_path."""
     return functools.partial(make_trainer, tmp_path)
+
+
+# Tiny random decoders of other architectures, over the built-in vocabulary (tokenizer="builtin:tiny-gpt2").
+ARCHITECTURE_SETTINGS = {
+    "llama": {"num_key_value_heads": 2, "tie_word_embeddings": False},
+    "qwen2": {"num_key_value_heads": 1, "tie_word_embeddings": True},  # GQA and a tied head, as Qwen2-0.5B
+    "gemma2": {"num_key_value_heads": 2, "head_dim": 8, "final_logit_softcapping": 2.0, "sliding_window": 32},
+}
+
+
+def save_tiny_causal_lm(folder: Path, model_type: str, seed: int = 0) -> Path:
+    """A random 2-layer `model_type` model saved with save_pretrained, to load by path as a hub model is."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from {{ cookiecutter.package_name }}.vocabulary import builtin_tokenizer
+
+    tokenizer = builtin_tokenizer()
+    if model_type == "gpt2":
+        model = tiny_gpt2(len(tokenizer), tokenizer.eos_token_id, seed, n_embd=32)
+    else:
+        eos = tokenizer.eos_token_id
+        config = AutoConfig.for_model(
+            model_type,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            eos_token_id=eos,
+            bos_token_id=eos,
+            pad_token_id=eos,
+            **ARCHITECTURE_SETTINGS[model_type],
+        )
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    return folder

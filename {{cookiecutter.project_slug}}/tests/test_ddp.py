@@ -14,8 +14,8 @@ from distributed import free_port
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=[False, True], ids=["logits", "fused_lm_head"])
+def ddp_run(tmp_path_factory, request) -> Path:
     tmp = tmp_path_factory.mktemp("ddp")
     paths = [str(PROJECT / "src"), str(PROJECT / "tests"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
@@ -37,6 +37,8 @@ def ddp_run(tmp_path_factory) -> Path:
         "--model.init_args.updates.micro_batches=2",
         "--model.init_args.objective.clip_range=0.2",
         "--model.init_args.updates.gradient_clip_val=1.0",
+        # The statistics from materialised logits, or from hidden states through the fused head.
+        f"--model.init_args.updates.fused_lm_head={str(request.param).lower()}",
         "--trainer.max_steps=16",
         "--data.epoch_repeats=1",  # 16 prompts / (8 per device x 2) = 1 batch an epoch: 4 validations
         "--trainer.callbacks+=ddp_probe.RankProbe",

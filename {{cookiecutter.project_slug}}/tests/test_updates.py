@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import Gradients
 
 from {{ cookiecutter.package_name }}.data import PromptDataModule
 from {{ cookiecutter.package_name }}.module import RBKLModule
@@ -64,17 +65,6 @@ def test_micro_batches_accumulate_to_the_same_gradient(tiny_trainer):
         )
         gradients.append(seen.gradients[0])
     torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-4, atol=1e-7)
-
-
-class Gradients(L.Callback):
-    """The policy's gradient as the optimizer is about to use it (after any clipping)."""
-
-    def __init__(self):
-        self.gradients = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        grads = [p.grad.flatten() for p in pl_module.policy.parameters() if p.grad is not None]
-        self.gradients.append(torch.cat(grads).clone())
 
 
 @pytest.mark.parametrize("clip", [None, 1e-3])

@@ -32,6 +32,8 @@ The module computes `token_stats` once per batch and derives every estimate from
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -90,9 +92,19 @@ def masked_token_stats(
     Masked positions never change a value or a gradient, whatever their logits (-inf, NaN).
     """
     check_inputs(policy_logits, ref_logits, tokens, mask)
+    return masked_stats(
+        lambda safe: token_stats(
+            policy_logits, ref_logits, safe, kl_grad=kl_grad, chunk_rows=chunk_rows, inplace=inplace
+        ),
+        tokens,
+        mask,
+    )
+
+
+def masked_stats(compute: Callable[[Tensor], TokenStats], tokens: Tensor, mask: Tensor) -> TokenStats:
+    """`compute(tokens)` with padding tokens replaced by a valid id, checked, and zeroed on padding."""
     # Padding may hold any id (GPT-2 pads with EOS, others with -100): replace it by a valid one.
-    safe_tokens = tokens.masked_fill(~mask, 0)
-    stats = token_stats(policy_logits, ref_logits, safe_tokens, kl_grad=kl_grad, chunk_rows=chunk_rows, inplace=inplace)
+    stats = compute(tokens.masked_fill(~mask, 0))
     _check_finite(stats, mask)
     zero = torch.zeros((), dtype=stats.kl.dtype, device=mask.device)
     return TokenStats(

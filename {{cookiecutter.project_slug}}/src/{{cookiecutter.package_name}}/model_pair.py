@@ -11,11 +11,24 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from .estimators import masked_token_stats
-from .models import build_policy, check_same_vocabulary, freeze, load_causal_lm, load_tokenizer, trained_weight_names
+from .estimators import masked_stats, masked_token_stats
+from .fused_head import fused_token_stats
+from .lm_head import backbone, check_linear_head, output_head
+from .models import (
+    build_policy,
+    check_same_vocabulary,
+    freeze,
+    load_causal_lm,
+    load_tokenizer,
+    output_vocab_size,
+    trained_weight_names,
+)
 from .options import LoRA
 from .sampling import Samples, position_ids
 from .token_stats import TokenStats
+
+# fused_lm_head None: the fused op once one micro-batch's float32 response logits would pass this.
+FUSED_HEAD_AUTO_BYTES = 1 << 30
 
 
 class ModelPair:
@@ -26,6 +39,7 @@ class ModelPair:
     ):
         check_same_vocabulary(policy, reference or policy, tokenizer)
         self.policy, self.reference, self.tokenizer, self.lora = policy, reference, tokenizer, lora
+        self._linear_heads: bool | None = None  # checked on first need (fuses)
 
     @classmethod
     def load(
@@ -50,6 +64,27 @@ class ModelPair:
         model_stops = self.policy.generation_config.eos_token_id
         model_stops = [model_stops] if isinstance(model_stops, int) else list(model_stops or [])
         return sorted({self.tokenizer.eos_token_id, *model_stops})
+
+    def check_linear_heads(self) -> None:
+        """Refuses a pair whose logits are not their head on the last hidden state (fused_head.py)."""
+        for model in (self.policy, self.reference):
+            if model is not None:
+                check_linear_head(model)
+
+    def fuses(self, fused: bool | None, rows: int) -> bool:
+        """fused_lm_head for `rows` response positions: as set, or None: when their float32 logits
+        would pass FUSED_HEAD_AUTO_BYTES and both heads are linear."""
+        if fused is not None:
+            return fused
+        if rows * output_vocab_size(self.policy) * 4 <= FUSED_HEAD_AUTO_BYTES:
+            return False
+        if self._linear_heads is None:
+            try:
+                self.check_linear_heads()
+                self._linear_heads = True
+            except ValueError:
+                self._linear_heads = False
+        return self._linear_heads
 
     def context_length(self) -> int | None:
         config = self.policy.config
@@ -89,8 +124,51 @@ class ModelPair:
         with self.policy.disable_adapter():  # LoRA: the base model is the reference
             return self.response_logits(self.policy, samples)
 
-    def token_stats(self, samples: Samples, kl_grad: bool, chunk_rows: int | None = None) -> TokenStats:
-        """Per-token log-probs, exact KL and entropy [N, R] of the responses, zero on padding."""
+    def response_hidden(self, model: nn.Module, samples: Samples) -> Tensor:
+        """[N, R, H] final hidden states at the positions that produced each response token."""
+        prompt_len, response_len = samples.prompt_ids.shape[1], samples.response.shape[1]
+        attention = samples.attention_mask
+        out = backbone(model)(
+            input_ids=samples.input_ids,
+            attention_mask=attention.long(),
+            position_ids=position_ids(attention),  # as generate computed them (docs/estimators.md §6.3)
+            use_cache=False,
+        )
+        return out.last_hidden_state[:, prompt_len - 1 : prompt_len + response_len - 1]
+
+    def fused_stats(self, samples: Samples, kl_grad: bool, chunk_rows: int | None) -> TokenStats:
+        """token_stats from the hidden states and the LM heads (fused_head.py): no [N, R, V] logits."""
+        hidden, head = self.response_hidden(self.policy, samples), output_head(self.policy)
+        with torch.no_grad():
+            if self.reference is not None:
+                ref_hidden, ref_head = self.response_hidden(self.reference, samples), output_head(self.reference)
+            else:
+                with self.policy.disable_adapter():  # LoRA: the base model is the reference
+                    ref_hidden, ref_head = self.response_hidden(self.policy, samples), output_head(self.policy)
+        return masked_stats(
+            lambda tokens: fused_token_stats(
+                hidden,
+                head.weight,
+                ref_hidden,
+                ref_head.weight,
+                tokens,
+                policy_bias=head.bias,
+                ref_bias=ref_head.bias,
+                kl_grad=kl_grad,
+                chunk_rows=chunk_rows,
+                softcap=head.softcap,
+            ),
+            samples.response,
+            samples.response_mask,
+        )
+
+    def token_stats(
+        self, samples: Samples, kl_grad: bool, chunk_rows: int | None = None, fused: bool | None = False
+    ) -> TokenStats:
+        """Per-token log-probs, exact KL and entropy [N, R] of the responses, zero on padding;
+        `fused`: from the hidden states and LM heads, never holding [N, R, V] logits (None: `fuses`)."""
+        if self.fuses(fused, samples.response.numel()):
+            return self.fused_stats(samples, kl_grad, chunk_rows)
         policy_logits = self.response_logits(self.policy, samples)
         ref_logits = self.reference_logits(samples)
         return masked_token_stats(

@@ -72,6 +72,12 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code:
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft model (adapters still injected), or the model itself."""
+    # A peft model's forward takes **kwargs and hands them on; its config is the wrapped model's.
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def output_vocab_size(model: nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 

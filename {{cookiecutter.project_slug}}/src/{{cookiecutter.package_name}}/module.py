@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
+from .checkpoint_state import check_holds, keep_only, record_rng, restore_rng
 from .estimators import LOGGED_ESTIMATORS, all_kl_values
 from .lightning_internals import attached_trainer
 from .metrics import STAGES, EstimatorStudy
@@ -103,6 +104,8 @@ class RBKLModule(L.LightningModule):
         )
         self.sampler = ResponseSampler(self.policy, self.tokenizer, self.pair.stop_ids, s)
         self.updater = Updater(self, self.updates)
+        if self.updates.fused_lm_head:
+            self.pair.check_linear_heads()  # refused now, not at the first step
         # Keyed "<stage>_study": a ModuleDict key may not shadow a Module attribute such as train.
         self.studies = nn.ModuleDict({f"{stage}_study": EstimatorStudy(stage, LOGGED_ESTIMATORS) for stage in STAGES})
         # Checkpoints hold the policy only: the reference and reward are rebuilt from the config.
@@ -112,6 +115,11 @@ class RBKLModule(L.LightningModule):
     @property
     def stop_ids(self) -> list[int]:
         return self.pair.stop_ids
+
+    @property
+    def sharded(self) -> bool:
+        trainer = attached_trainer(self)
+        return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
 
     @property
     def updates_per_batch(self) -> int:
@@ -134,24 +142,11 @@ class RBKLModule(L.LightningModule):
         return [f"policy.{name}" for name in self.pair.trained_names()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The sampling randomness at this step, restored at the first resumed batch: with the
-        # data order (data.EpochShuffle) it makes a resumed CPU run repeat the uninterrupted one.
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
-        state, kept = checkpoint["state_dict"], set(self.checkpointed_keys())
-        for key in [k for k in state if k not in kept]:
-            del state[key]
+        record_rng(checkpoint)  # restored at the first resumed batch
+        keep_only(checkpoint, self.checkpointed_keys())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Loading is not strict (the reference is left out on purpose), so a checkpoint that lacks
-        # policy weights would otherwise load silently and train from the initial weights.
-        missing = [k for k in self.checkpointed_keys() if k not in checkpoint["state_dict"]]
-        if missing:
-            raise ValueError(
-                f"the checkpoint lacks {len(missing)} of the policy's weights (e.g. {missing[0]!r}): it was not "
-                "written for this policy"
-            )
+        check_holds(checkpoint, self.checkpointed_keys())
         self._rng_states_to_restore = checkpoint.get("rng_states")
 
     def on_train_batch_start(self, batch: list[str], batch_idx: int) -> None:
@@ -159,9 +154,7 @@ class RBKLModule(L.LightningModule):
         states, self._rng_states_to_restore = self._rng_states_to_restore, None
         # Ranks draw from different streams (on_fit_start); the checkpoint holds rank 0's only.
         if states is not None and self.trainer.world_size == 1:
-            torch.set_rng_state(states["torch"])
-            if "cuda" in states and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
+            restore_rng(states)
 
     # -- checks that need more than one option ---------------------------------------------------
 
@@ -172,9 +165,13 @@ class RBKLModule(L.LightningModule):
         self.check_trainer(self.trainer)
         return []
 
-    @staticmethod
-    def check_trainer(trainer: L.Trainer) -> None:
+    def check_trainer(self, trainer: L.Trainer) -> None:
         """Lightning's own accumulation and clipping do not apply to a module that steps itself."""
+        if self.updates.fused_lm_head and isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "updates.fused_lm_head needs the LM head's whole weight, which FSDP shards: set "
+                "model.init_args.updates.fused_lm_head: false (or leave it unset)"
+            )
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 "trainer.accumulate_grad_batches is not used by this module, which steps its optimizer itself: "
@@ -213,9 +210,7 @@ class RBKLModule(L.LightningModule):
         ids, mask = self.encode_prompts(prompts)
         # Sharded weights are gathered layer by layer in every forward: ranks that finish early
         # must keep stepping until all are done, or the others wait forever.
-        trainer = attached_trainer(self)
-        synced = trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
-        samples = self.sampler(ids, mask, k, synced=synced)
+        samples = self.sampler(ids, mask, k, synced=self.sharded)
         repeated = [p for p in prompts for _ in range(k)]
         responses = self.sampler.decode(samples)
         return Rollout(list(prompts), samples, self.score(repeated, responses), k, responses)
@@ -232,8 +227,9 @@ class RBKLModule(L.LightningModule):
         Shared by training, validation and benchmarks/step.py; `old_logp` [N] are the sampling
         policy's log-probabilities once the weights have moved (updater.py).
         """
-        kl_grad = with_loss and self.objective.needs_kl_grad
-        stats = self.pair.token_stats(rollout.samples, kl_grad, self.updates.kl_chunk_rows)
+        kl_grad, u = with_loss and self.objective.needs_kl_grad, self.updates
+        fused = False if self.sharded else u.fused_lm_head  # FSDP: the head's weight is in shards
+        stats = self.pair.token_stats(rollout.samples, kl_grad, u.kl_chunk_rows, fused=fused)
         loss = self.compute_loss(stats, rollout, self.objective, old_logp) if with_loss else None
         return StepOutput(stats, all_kl_values(stats, rollout.samples.response_mask, rollout.group_size), loss)
 

@@ -77,6 +77,9 @@ class Updates:
         gradient_clip_val: clip the gradient norm before each optimizer step (None: no clipping).
             Replaces the trainer's gradient_clip_val.
         kl_chunk_rows: positions per chunk in the fused full-vocabulary KL op (None: automatic).
+        fused_lm_head: compute the statistics from the final hidden states and the LM heads, never
+            holding [N, R, V] logits (fused_head.py): less memory, the head's matmuls twice. None:
+            on when one micro-batch's response logits would pass 1 GiB in float32.
     """
 
     ppo_epochs: int = 1
@@ -84,6 +87,7 @@ class Updates:
     micro_batches: int = 1
     gradient_clip_val: float | None = None
     kl_chunk_rows: int | None = None
+    fused_lm_head: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("ppo_epochs", "minibatches", "micro_batches"):

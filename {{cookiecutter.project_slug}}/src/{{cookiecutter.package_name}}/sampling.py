@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from transformers import Cache, GenerationConfig, PreTrainedModel, StaticCache
 
+from .models import unwrap_peft
+
 # Generation settings and the value that leaves the policy's distribution untouched.
 NEUTRAL_SETTINGS = {
     "do_sample": True,
@@ -156,15 +158,10 @@ def sample_token(logits: Tensor, generator: torch.Generator | None = None) -> Te
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=logits.shape[-1] - 1).squeeze(-1)
 
 
-def _unwrapped(model: PreTrainedModel) -> PreTrainedModel:
-    # A peft model's forward takes **kwargs and hands them on; its config is the wrapped model's.
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def static_cache(model: PreTrainedModel, length: int, bucket: int = 64) -> StaticCache:
     """An empty static KV cache of at least `length` positions, rounded up to a multiple of `bucket`
     so that batches of slightly different prompt lengths share one compiled decode step."""
-    return StaticCache(config=_unwrapped(model).config, max_cache_len=-(-length // bucket) * bucket)
+    return StaticCache(config=unwrap_peft(model).config, max_cache_len=-(-length // bucket) * bucket)
 
 
 def _cache_length(cache: Cache) -> int:
@@ -221,7 +218,7 @@ def sample_fast(
     positions = position_ids(mask.long())  # [N, P], as generate derives them
     stops = torch.as_tensor(list(stop_ids), device=ids.device)
     # transformers renamed past_key_values to cache (5.x); the loop speaks whichever the model takes.
-    cache_key = "cache" if "cache" in inspect.signature(_unwrapped(model).forward).parameters else "past_key_values"
+    cache_key = "cache" if "cache" in inspect.signature(unwrap_peft(model).forward).parameters else "past_key_values"
     attention = _attention_buffer(mask, cache, max_new_tokens)
     out = model(
         input_ids=ids,

@@ -1,0 +1,40 @@
+"""What the module adds to a checkpoint and checks in it: the sampling randomness, and only the
+weights that train (the reference and the reward are rebuilt from the config)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def record_rng(checkpoint: dict[str, Any]) -> None:
+    """The sampling randomness at this step: with the data order (data.EpochShuffle) it makes a
+    resumed CPU run repeat the uninterrupted one."""
+    checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def keep_only(checkpoint: dict[str, Any], keys: Sequence[str]) -> None:
+    state, kept = checkpoint["state_dict"], set(keys)
+    for key in [k for k in state if k not in kept]:
+        del state[key]
+
+
+def check_holds(checkpoint: dict[str, Any], keys: Sequence[str]) -> None:
+    # Loading is not strict (the reference is left out on purpose), so a checkpoint that lacks
+    # policy weights would otherwise load silently and train from the initial weights.
+    missing = [k for k in keys if k not in checkpoint["state_dict"]]
+    if missing:
+        raise ValueError(
+            f"the checkpoint lacks {len(missing)} of the policy's weights (e.g. {missing[0]!r}): it was not "
+            "written for this policy"
+        )
