@@ -83,6 +83,7 @@ def test_a_config_before_the_subcommand_is_not_accepted():
         ("--model.init_args.objective.clip_range=0", "error: clip_range must be > 0"),
         ("--model.init_args.updates.minibatches=3", "error: minibatches=3 does not divide a batch of 8 prompts"),
         ("--trainer.gradient_clip_val=1.0", "error: trainer.gradient_clip_val is not used by this module"),
+        ("--model.init_args.beta=0.1", "error: model.init_args.beta is now model.init_args.objective.beta"),
         ("--trainer.accumulate_grad_batches=2", "error: trainer.accumulate_grad_batches is not used by this module"),
         (
             '--model.init_args.lora={"target_modules": ["q_proj"]}',

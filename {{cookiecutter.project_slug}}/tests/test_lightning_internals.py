@@ -5,6 +5,7 @@ renamed or changed one of them: mend lightning_internals.py before widening it.
 """
 
 import csv
+import dataclasses
 import inspect
 
 import lightning as L
@@ -17,6 +18,7 @@ from {{ cookiecutter.package_name }}.lightning_internals import (
     batches_done_in_restarted_epoch,
     every_n_train_steps,
     last_saved_step,
+    plain_hyperparameters,
     saves_on_a_timer,
 )
 from {{ cookiecutter.package_name }}.runs import RunLogger
@@ -53,6 +55,21 @@ def test_the_fit_loop_counts_the_finished_batches_where_the_data_order_reads_the
     loop = trainer.fit_loop
     assert loop.restarting is False and loop.epoch_loop.batch_progress.current.completed == 0
     assert batches_done_in_restarted_epoch(trainer) == 0 and batches_done_in_restarted_epoch(None) == 0
+
+
+def test_both_copies_of_the_saved_hyperparameters_are_converted():
+    @dataclasses.dataclass
+    class Group:
+        x: int = 1
+
+    class Module(L.LightningModule):
+        def __init__(self, group: Group = Group()):  # noqa: B008
+            super().__init__()
+            self.save_hyperparameters()
+
+    module = Module()
+    plain_hyperparameters(module, dataclasses.asdict)
+    assert module.hparams["group"] == {"x": 1} and module.hparams_initial["group"] == {"x": 1}
 
 
 def test_a_module_without_a_trainer_says_so():

@@ -187,3 +187,9 @@ def test_a_checkpoint_written_before_the_option_groups_resumes_with_its_options_
     config = yaml.safe_load((only_run(tmp_path) / "config.resumed-at-step-3.yaml").read_text())
     assert config["model"]["init_args"]["objective"]["advantage"] == "grpo", "the old checkpoint's, not the default"
     assert [int(r["step"]) for r in train_rows(only_run(tmp_path))] == list(range(5))
+    # Loaded from Python, it would build with the defaults and drop its options: refused instead.
+    from {{ cookiecutter.package_name }}.module import RBKLModule
+
+    torch.save(saved, checkpoint)
+    with pytest.raises(ValueError, match="written before the options were grouped .beta -> objective.beta"):
+        RBKLModule.load_from_checkpoint(checkpoint)

@@ -1,6 +1,7 @@
 """The README's extension story: a task is a subclass that overrides score, encode_prompts or compute_loss."""
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from {{ cookiecutter.package_name }}.data import PromptDataModule
 from {{ cookiecutter.package_name }}.module import RBKLModule
+from {{ cookiecutter.package_name }}.objective import Objective
 from {{ cookiecutter.package_name }}.options import Sampling
 
 
@@ -27,6 +29,24 @@ class LengthTask(RBKLModule):
         parts = super().compute_loss(stats, rollout, objective, old_logp)
         self.losses.append(float(parts.loss.detach()))
         return parts
+
+
+class WithItsOwnSettings(RBKLModule):
+    """A subclass with an __init__ of its own that hands the option groups on, as objects."""
+
+    def __init__(self, bonus: float = 1.0, **groups):
+        super().__init__(**groups)
+        self.bonus = bonus
+
+
+def test_a_subclass_that_hands_groups_on_saves_them_as_dicts_and_trains(tiny_trainer):
+    task = WithItsOwnSettings(bonus=2.0, objective=Objective(beta=0.2), sampling=Sampling(max_new_tokens=4))
+    assert task.hparams["objective"] == dataclasses.asdict(Objective(beta=0.2)) and task.hparams["bonus"] == 2.0
+    assert task.hparams_initial["sampling"]["max_new_tokens"] == 4, "hparams.yaml is written from this copy"
+    trainer = tiny_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(task, PromptDataModule(batch_size=4, epoch_repeats=5))
+    assert trainer.global_step == 1
+    assert "beta: 0.2" in (Path(trainer.logger.log_dir) / "hparams.yaml").read_text()
 
 
 def test_a_subclass_formats_prompts_scores_responses_and_sees_every_loss(tiny_trainer):

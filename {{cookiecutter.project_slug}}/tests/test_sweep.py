@@ -49,6 +49,7 @@ def test_a_sweep_runs_every_point_and_seed_survives_a_failed_run_and_resumes(tmp
             ["--grid", "model.init_args.objective.betaa=0.1,0.2"],
             "not an option of `train.py fit`; near names: model.init_args.objective.beta",
         ),
+        (["--grid", "model.init_args.beta=0.1"], "near names: model.init_args.objective.beta"),
         (["--grid", "model.init_args.objective.beta=0.1,"], "no empty value"),
         (["--grid", "model.init_args.objective.beta=0.1", "--seeds", "0"], "--seeds and --parallel must be >= 1"),
         (["--grid", "model.init_args.objective.beta=0.1", "stray"], "pass to every run as --key=value"),

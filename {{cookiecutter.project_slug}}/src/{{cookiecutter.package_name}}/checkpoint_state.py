@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .options import nest_flat_options
+
 
 def record_rng(checkpoint: dict[str, Any]) -> None:
     """The sampling randomness at this step: with the data order (data.EpochShuffle) it makes a
@@ -27,6 +29,17 @@ def keep_only(checkpoint: dict[str, Any], keys: Sequence[str]) -> None:
     state, kept = checkpoint["state_dict"], set(keys)
     for key in [k for k in state if k not in kept]:
         del state[key]
+
+
+def check_grouped(hparams: dict[str, Any], accepted: bool) -> None:
+    """Refuses a checkpoint written before the option groups, unless its options were moved (train.py
+    does); its flat options would otherwise be dropped and the module's defaults trained silently."""
+    _, moved = nest_flat_options(hparams)
+    if moved and not accepted:
+        raise ValueError(
+            f"the checkpoint was written before the options were grouped ({', '.join(moved[:3])}, ...): load "
+            "it through train.py (--ckpt_path), which moves its options into their groups"
+        )
 
 
 def check_holds(checkpoint: dict[str, Any], keys: Sequence[str]) -> None:

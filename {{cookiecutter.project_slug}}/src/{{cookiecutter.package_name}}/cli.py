@@ -9,6 +9,7 @@ and exit with 143 and 130, so a scheduler never mistakes an interrupted run for 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from .data import PromptDataModule
 from .lightning_internals import ExplicitValuesWin
 from .module import RBKLModule
+from .options import option_groups
 from .runs import (
     LastCheckpoint,
     drop_rows_after,
@@ -156,6 +158,8 @@ class CLI(ExplicitValuesWin, LightningCLI):
         # checkpoint here, and a resume from the command line alone gets it back.
         reward = self.config[self.subcommand]["model"]["init_args"].get("reward") if self.subcommand else None
         self.model.hparams["reward"] = reward.as_dict() if hasattr(reward, "as_dict") else reward
+        if self.resumed_from is not None and hasattr(self.model, "accepts_flat_checkpoint"):
+            self.model.accepts_flat_checkpoint = True  # parse_arguments moved its options into their groups
 
 
 def _subcommand_and_checkpoint(argv: list[str]) -> tuple[str | None, str | None]:
@@ -167,6 +171,20 @@ def _subcommand_and_checkpoint(argv: list[str]) -> tuple[str | None, str | None]
         if arg.startswith("--ckpt_path="):
             return subcommand, arg.split("=", 1)[1]
     return subcommand, None
+
+
+def _moved_option(argv: list[str]) -> str | None:
+    """'model.init_args.beta is now model.init_args.objective.beta' for an option of the old flat form."""
+    groups = {f.name: group for group, cls in option_groups().items() for f in dataclasses.fields(cls)}
+    for arg in argv:
+        if isinstance(arg, str) and arg.startswith("--model.init_args."):
+            name = arg.removeprefix("--model.init_args.").split("=", 1)[0]
+            if name in groups:
+                return (
+                    f"model.init_args.{name} is now model.init_args.{groups[name]}.{name} (the options are grouped; "
+                    "python train.py fit --model.help RBKLModule lists them)"
+                )
+    return None
 
 
 def _innermost(error: BaseException) -> BaseException:
@@ -237,7 +255,8 @@ def main(args=None) -> CLI:
             sys.exit(EXIT_SIGINT)
         if exit_.code == 2 and exit_.__context__ is not None:
             # jsonargparse printed the usage and its nested message; the gist goes last.
-            sys.stderr.write(f"error: {_parse_error_summary(str(exit_.__context__))}\n")
+            moved = _moved_option(sys.argv[1:] if args is None else list(args))
+            sys.stderr.write(f"error: {moved or _parse_error_summary(str(exit_.__context__))}\n")
         raise
     except Exception as error:
         if os.environ.get("RBKL_TRACEBACK"):

@@ -10,6 +10,7 @@ fails when one of them is renamed or changes its signature.
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -64,6 +65,15 @@ def batches_done_in_restarted_epoch(trainer: L.Trainer | None) -> int:
     if loop is None or not loop.restarting:
         return 0
     return loop.epoch_loop.batch_progress.current.completed
+
+
+def plain_hyperparameters(module: L.LightningModule, convert) -> None:
+    """Every dataclass among the saved hyperparameters as `convert(value)`, in both copies Lightning
+    keeps: the live one (checkpoints) and the initial one (what loggers write to hparams.yaml)."""
+    for saved in (module._hparams, module._hparams_initial):
+        for key, value in saved.items():
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                saved[key] = convert(value)
 
 
 def attached_trainer(module: L.LightningModule) -> L.Trainer | None:

@@ -29,9 +29,9 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
-from .checkpoint_state import check_holds, keep_only, record_rng, restore_rng
+from .checkpoint_state import check_grouped, check_holds, keep_only, record_rng, restore_rng
 from .estimators import LOGGED_ESTIMATORS, all_kl_values
-from .lightning_internals import attached_trainer
+from .lightning_internals import attached_trainer, plain_hyperparameters
 from .metrics import STAGES, EstimatorStudy
 from .model_pair import ModelPair
 from .models import freeze
@@ -86,12 +86,11 @@ class RBKLModule(L.LightningModule):
         self.updates = as_group(Updates, updates, "updates")
         self.optimization = as_group(Optimization, optimization, "optimization")
         self.lora = None if lora is None else as_group(LoRA, lora, "lora")
-        # The hyperparameters (checkpoints, hparams.yaml) hold every group as a plain dict, which a
-        # resume and load_from_checkpoint pass back: save_hyperparameters reads these local names.
-        objective, sampling = asdict(self.objective), asdict(self.sampling)
-        updates, optimization = asdict(self.updates), asdict(self.optimization)
-        lora = None if self.lora is None else asdict(self.lora)
         self.save_hyperparameters(ignore=["reward"])
+        # Checkpoints and hparams.yaml hold every group as a plain dict (a subclass's own __init__
+        # may have handed Lightning the objects), which a resume and load_from_checkpoint pass back.
+        plain_hyperparameters(self, asdict)
+        self.accepts_flat_checkpoint = False  # train.py sets it once it moved an old checkpoint's options
         # Several optimizer steps per batch: the module steps the optimizer itself (updater.py).
         self.automatic_optimization = False
         self.pair = ModelPair.load(policy, reference, tokenizer, dtype, trust_remote_code, self.lora)
@@ -147,6 +146,7 @@ class RBKLModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_holds(checkpoint, self.checkpointed_keys())
+        check_grouped(checkpoint.get("hyper_parameters", {}), self.accepts_flat_checkpoint)
         self._rng_states_to_restore = checkpoint.get("rng_states")
 
     def on_train_batch_start(self, batch: list[str], batch_idx: int) -> None:
@@ -162,6 +162,7 @@ class RBKLModule(L.LightningModule):
         # The first hook of fit, validate and test with the trainer attached, and before
         # Lightning's own check of the trainer's flags, whose advice (switch to automatic
         # optimization) does not apply here: a plain trainer.fit gets the same sentence as the CLI.
+        # A subclass that returns its own callbacks calls super().configure_callbacks() first.
         self.check_trainer(self.trainer)
         return []
 

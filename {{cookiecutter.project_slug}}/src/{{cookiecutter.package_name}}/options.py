@@ -3,8 +3,11 @@
 LightningCLI parses each group as nested config (`model.init_args.sampling.max_new_tokens`), so
 an unknown key or a value of the wrong type fails while the command line is read, and a value
 out of range fails in `__post_init__`, before any model is loaded. The objective's group is
-`objective.Objective`; checks that need several objects (the batch split against the data, the
-trainer's flags, prompts against the model's context) run in `RBKLModule.setup`.
+`objective.Objective`. Checks that need several objects run in the module: the batch split
+against the data and prompts against the model's context in `RBKLModule.setup`, the trainer's
+flags in `RBKLModule.configure_callbacks` (before Lightning's own check of them). A group given
+as a dict (`load_from_checkpoint(path, objective={"beta": 0.5})`) is a whole group: fields it
+leaves out take their defaults, not the checkpoint's.
 """
 
 from __future__ import annotations
@@ -190,6 +193,15 @@ def option_groups() -> dict[str, type]:
     from .objective import Objective  # the objective's group lives with the loss it configures
 
     return {"objective": Objective, "sampling": Sampling, "updates": Updates, "optimization": Optimization}
+
+
+def complete_groups(options: dict[str, Any]) -> dict[str, Any]:
+    """Every group given as a dict with all its fields (an older checkpoint's lora has no dropout)."""
+    complete = dict(options)
+    for name, cls in {**option_groups(), "lora": LoRA}.items():
+        if isinstance(complete.get(name), dict):
+            complete[name] = dataclasses.asdict(as_group(cls, complete[name], name))
+    return complete
 
 
 def nest_flat_options(hparams: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

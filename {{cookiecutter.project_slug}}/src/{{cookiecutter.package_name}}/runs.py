@@ -29,7 +29,7 @@ from .lightning_internals import (
     save_step_checkpoint,
     saves_on_a_timer,
 )
-from .options import nest_flat_options
+from .options import complete_groups, nest_flat_options
 
 # Settings whose change between the checkpoint and the resumed run changes what is optimised
 # (a group's name covers all its fields).
@@ -134,7 +134,7 @@ def model_config(hparams: Mapping[str, Any]) -> tuple[dict[str, Any] | None, lis
     if class_path is None:
         return None, []
     init_args, moved = nest_flat_options(hparams)
-    return {"class_path": class_path, "init_args": init_args}, moved
+    return {"class_path": class_path, "init_args": complete_groups(init_args)}, moved
 
 
 def dotted(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from .options import LrDecay
+from .options import LR_DECAYS, LrDecay
 
 
 def lr_lambda(warmup_steps: int, total_steps: int | None, decay: LrDecay) -> Callable[[int], float]:
@@ -14,6 +14,8 @@ def lr_lambda(warmup_steps: int, total_steps: int | None, decay: LrDecay) -> Cal
     The values were checked where they were set (options.Optimization); only the number of steps,
     known once the trainer is, is checked here.
     """
+    if decay not in LR_DECAYS:
+        raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}, got {decay!r}")
     if decay != "constant" and not total_steps:
         raise ValueError(f"lr_decay={decay!r} needs a finite number of steps: set trainer.max_steps or max_epochs")
 

@@ -88,7 +88,10 @@ def resolved_config(train: Path, config: Path, overrides: list[str]) -> dict:
 def check_grid_keys(grid: dict[str, list[str]], known: set[str]) -> None:
     for key in grid:
         if key not in known:
-            near = difflib.get_close_matches(key, sorted(known), n=4, cutoff=0.5)
+            # An option that moved into a group (model.init_args.beta -> ...objective.beta) first.
+            last = key.rsplit(".", 1)[-1]
+            same_name = [k for k in sorted(known) if k.rsplit(".", 1)[-1] == last and k.startswith("model.")]
+            near = same_name or difflib.get_close_matches(key, sorted(known), n=4, cutoff=0.5)
             hint = f"; near names: {', '.join(near)}" if near else ""
             raise ValueError(f"--grid {key} is not an option of `train.py fit`{hint}")
 
