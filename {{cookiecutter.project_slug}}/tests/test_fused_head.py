@@ -22,11 +22,14 @@ def case(gen, b=3, t=5, h=6, hq=6, v=13, bias=True, dtype=torch.float32):
     return hp, wp, bp, hr, wr, br, tokens
 
 
-def materialised(hp, wp, bp, hr, wr, br, tokens, softcap=None, kl_grad=True):
+def materialised(hp, wp, bp, hr, wr, br, tokens, softcap=None, kl_grad=True, ref_softcap="same"):
+    ref_softcap = softcap if ref_softcap == "same" else ref_softcap
     x = torch.nn.functional.linear(hp, wp, bp)
     y = torch.nn.functional.linear(hr, wr, br)
     if softcap is not None:
-        x, y = softcap * torch.tanh(x / softcap), softcap * torch.tanh(y / softcap)
+        x = softcap * torch.tanh(x / softcap)
+    if ref_softcap is not None:
+        y = ref_softcap * torch.tanh(y / ref_softcap)
     return token_stats(x, y, tokens, kl_grad=kl_grad)
 
 
@@ -44,7 +47,17 @@ def test_values_and_gradients_equal_the_materialised_logits(chunk_rows, softcap,
     hp, wp, bp, hr, wr, br, tokens = case(gen)
     upstream = torch.randn(2, *tokens.shape, generator=gen)
     fused = fused_token_stats(
-        hp, wp, hr, wr, tokens, policy_bias=bp, ref_bias=br, kl_grad=kl_grad, chunk_rows=chunk_rows, softcap=softcap
+        hp,
+        wp,
+        hr,
+        wr,
+        tokens,
+        policy_bias=bp,
+        ref_bias=br,
+        kl_grad=kl_grad,
+        chunk_rows=chunk_rows,
+        softcap=softcap,
+        ref_softcap=softcap,
     )
     expected = materialised(hp, wp, bp, hr, wr, br, tokens, softcap, kl_grad)
     got_values, got_grads = values_and_grads(fused, upstream, (hp, wp, bp))
@@ -52,6 +65,27 @@ def test_values_and_gradients_equal_the_materialised_logits(chunk_rows, softcap,
     for got, want in zip(got_values + list(got_grads), want_values + list(want_grads), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert fused.kl.requires_grad == kl_grad and not fused.logq.requires_grad and not fused.entropy.requires_grad
+
+
+@pytest.mark.parametrize("softcap, ref_softcap", [(2.0, None), (None, 1.5), (2.0, 3.0)])
+def test_each_model_gets_its_own_softcap(softcap, ref_softcap):
+    # A Gemma-2 policy against a reference without a soft-cap (or another one): each its own.
+    gen = torch.Generator().manual_seed(6)
+    hp, wp, bp, hr, wr, br, tokens = case(gen)
+    upstream = torch.randn(2, *tokens.shape, generator=gen)
+    fused = fused_token_stats(
+        hp, wp, hr, wr, tokens, policy_bias=bp, ref_bias=br, chunk_rows=4, softcap=softcap, ref_softcap=ref_softcap
+    )
+    expected = materialised(hp, wp, bp, hr, wr, br, tokens, softcap, ref_softcap=ref_softcap)
+    got, want = values_and_grads(fused, upstream, (hp, wp, bp)), values_and_grads(expected, upstream, (hp, wp, bp))
+    for a, b in zip(got[0] + list(got[1]), want[0] + list(want[1]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_rows_zero_is_refused():
+    hp, wp, _, hr, wr, _, tokens = case(torch.Generator().manual_seed(7), bias=False)
+    with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
+        fused_token_stats(hp, wp, hr, wr, tokens, chunk_rows=0)
 
 
 def test_one_row_no_bias_and_a_reference_of_another_width():

@@ -38,12 +38,14 @@ def fused_token_stats(
     kl_grad: bool = True,
     chunk_rows: int | None = None,
     softcap: float | None = None,
+    ref_softcap: float | None = None,
 ) -> TokenStats:
     """Per-token statistics [B, T] of the LM heads' distributions, differentiable w.r.t. the policy's
-    hidden states, weight and bias (kl only when `kl_grad`); hidden [B, T, H], weights [V, H]."""
+    hidden states, weight and bias (kl only when `kl_grad`); hidden [B, T, H], weights [V, H].
+    `softcap` caps the policy's logits, `ref_softcap` the reference's (each model's own)."""
     _check(policy_hidden, policy_weight, ref_hidden, ref_weight, tokens, policy_bias, ref_bias)
     batch, length = tokens.shape
-    rows = chunk_rows or max(1, FUSED_CHUNK_ELEMENTS // policy_weight.shape[0])
+    rows = max(1, FUSED_CHUNK_ELEMENTS // policy_weight.shape[0]) if chunk_rows is None else chunk_rows
     if rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {rows}")
     out = _FusedHead.apply(
@@ -56,7 +58,7 @@ def fused_token_stats(
         tokens.reshape(-1),
         kl_grad,
         rows,
-        softcap,
+        (softcap, ref_softcap),
     )
     logp, logq, kl, entropy = (t.reshape(batch, length) for t in out)
     return TokenStats(logp=logp, logq=logq.detach(), kl=kl if kl_grad else kl.detach(), entropy=entropy.detach())
@@ -100,7 +102,8 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float 
 class _FusedHead(torch.autograd.Function):
     # Three [rows, V] buffers at a time, forward and backward: x, y and p, the rest in place.
     @staticmethod
-    def forward(ctx, hp, wp, bp, hq, wq, bq, tokens, kl_grad, rows, softcap):
+    def forward(ctx, hp, wp, bp, hq, wq, bq, tokens, kl_grad, rows, softcaps):
+        softcap, ref_softcap = softcaps
         dtype = compute_dtype(torch.promote_types(hp.dtype, wp.dtype))
         n = tokens.shape[0]
         logp, logq, kl, entropy, lse_x, lse_y = (torch.empty(n, dtype=dtype, device=hp.device) for _ in range(6))
@@ -108,7 +111,7 @@ class _FusedHead(torch.autograd.Function):
             for start in range(0, n, rows):
                 part, token = slice(start, start + rows), tokens[start : start + rows, None]
                 x = _logits(hp[part], wp, bp, softcap, dtype)  # [rows, V]
-                y = _logits(hq[part], wq, bq, softcap, dtype)  # [rows, V]
+                y = _logits(hq[part], wq, bq, ref_softcap, dtype)  # [rows, V]
                 lse_x[part], lse_y[part] = torch.logsumexp(x, -1), torch.logsumexp(y, -1)
                 logp[part] = x.gather(-1, token).squeeze(-1) - lse_x[part]
                 logq[part] = y.gather(-1, token).squeeze(-1) - lse_y[part]
@@ -116,15 +119,16 @@ class _FusedHead(torch.autograd.Function):
                 px, py = torch.linalg.vecdot(p, x), torch.linalg.vecdot(p, y)
                 kl[part] = px - py - lse_x[part] + lse_y[part]
                 entropy[part] = lse_x[part] - px
+        kl.clamp_(min=0)  # >= 0 exactly; rounding can leave -1e-7, as in token_stats
         ctx.save_for_backward(hp, wp, bp, hq, wq, bq, tokens, lse_x, lse_y, kl)
-        ctx.kl_grad, ctx.rows, ctx.softcap, ctx.dtype = kl_grad, rows, softcap, dtype
+        ctx.kl_grad, ctx.rows, ctx.softcaps, ctx.dtype = kl_grad, rows, softcaps, dtype
         ctx.mark_non_differentiable(logq, entropy)
         return logp, logq, kl, entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_logq, g_kl, g_entropy):
         hp, wp, bp, hq, wq, bq, tokens, lse_x, lse_y, kl = ctx.saved_tensors
-        dtype, softcap = ctx.dtype, ctx.softcap
+        dtype, (softcap, ref_softcap) = ctx.dtype, ctx.softcaps
         use_kl = ctx.kl_grad and g_kl is not None
         a = torch.zeros_like(lse_x) if g_logp is None else g_logp.to(dtype)
         k = g_kl.to(dtype) if use_kl else None
@@ -140,7 +144,7 @@ class _FusedHead(torch.autograd.Function):
                 p = logp.exp()
                 # g = a (onehot - p) + k p (log p - log q - kl) = p ((log p - log q - kl) k - a) + a onehot
                 if use_kl:
-                    g = _logits(hq[part], wq, bq, softcap, dtype).sub_(lse_y[part, None])  # log q
+                    g = _logits(hq[part], wq, bq, ref_softcap, dtype).sub_(lse_y[part, None])  # log q
                     g.neg_().add_(logp).sub_(kl[part, None]).mul_(k[part, None]).sub_(a[part, None]).mul_(p)
                 else:
                     g = p.mul_(-a[part, None])

@@ -45,6 +45,11 @@ def check_linear_head(model: nn.Module) -> None:
     """Refuses a model whose logits are not its head applied to its backbone's last hidden state."""
     inner = unwrap_peft(model)
     param = next(inner.parameters())
+    with torch.autocast(param.device.type, enabled=False):  # the check compares the heads, not autocast
+        _compare_head(model, inner, param)
+
+
+def _compare_head(model: nn.Module, inner: nn.Module, param: Tensor) -> None:
     ids = torch.arange(1, 5, device=param.device).remainder(inner.config.vocab_size).reshape(1, 4)
     logits = inner(input_ids=ids, use_cache=False).logits.float()
     hidden = backbone(model)(input_ids=ids, use_cache=False).last_hidden_state

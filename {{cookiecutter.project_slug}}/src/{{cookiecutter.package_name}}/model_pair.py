@@ -157,6 +157,7 @@ class ModelPair:
                 kl_grad=kl_grad,
                 chunk_rows=chunk_rows,
                 softcap=head.softcap,
+                ref_softcap=ref_head.softcap,
             ),
             samples.response,
             samples.response_mask,
