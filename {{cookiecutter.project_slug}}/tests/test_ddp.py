@@ -14,9 +14,7 @@ from distributed import free_port
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["logits", "fused_lm_head"])
-def ddp_run(tmp_path_factory, request) -> Path:
-    tmp = tmp_path_factory.mktemp("ddp")
+def ddp_train(tmp: Path, fused: bool, *args: str) -> None:
     paths = [str(PROJECT / "src"), str(PROJECT / "tests"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     cmd = [
@@ -29,7 +27,7 @@ def ddp_run(tmp_path_factory, request) -> Path:
         str(PROJECT / "configs/trainer/ddp.yaml"),
         "--trainer.accelerator=cpu",
         "--trainer.devices=2",
-        "--trainer.strategy.init_args.timeout=0:01:30",  # a hang becomes a failure
+        "--trainer.strategy.init_args.timeout=0:05:00",  # a hang becomes a failure, a loaded machine does not
         # Every update path at once: 2 epochs x 2 minibatches, each in 2 micro-batches (only the
         # last one's backward all-reduces), clipped: 4 optimizer steps per batch.
         "--model.init_args.updates.ppo_epochs=2",
@@ -38,20 +36,44 @@ def ddp_run(tmp_path_factory, request) -> Path:
         "--model.init_args.objective.clip_range=0.2",
         "--model.init_args.updates.gradient_clip_val=1.0",
         # The statistics from materialised logits, or from hidden states through the fused head.
-        f"--model.init_args.updates.fused_lm_head={str(request.param).lower()}",
+        f"--model.init_args.updates.fused_lm_head={str(fused).lower()}",
         "--trainer.max_steps=16",
         "--data.epoch_repeats=1",  # 16 prompts / (8 per device x 2) = 1 batch an epoch: 4 validations
         "--trainer.callbacks+=ddp_probe.RankProbe",
         f"--trainer.callbacks.out_dir={tmp / 'probe'}",
+        *args,
     ]
-    result = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["logits", "fused_lm_head"])
+def ddp_run(tmp_path_factory, request) -> Path:
+    tmp = tmp_path_factory.mktemp("ddp")
+    ddp_train(tmp, request.param)
     return tmp
+
+
+def probes(run: Path) -> list[dict]:
+    return [json.loads((run / "probe" / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_a_resumed_ddp_run_repeats_each_ranks_samples(tmp_path, ddp_run, request):
+    if request.node.callspec.params["ddp_run"]:
+        pytest.skip("the sampling streams do not depend on the head's path: the logits run is enough")
+    ddp_train(tmp_path, False, "--trainer.max_steps=8")  # two batches, then a resume for the other two
+    ddp_train(tmp_path, False, "--ckpt_path", "last")
+    uninterrupted, resumed = probes(ddp_run), probes(tmp_path)
+    for rank in range(2):
+        # Each rank draws its own samples: after the resume, from its own stream again.
+        assert resumed[rank]["steps"] == uninterrupted[rank]["steps"][2:], rank
+    assert resumed[0]["policy_sha256"] == uninterrupted[0]["policy_sha256"]
 
 
 @pytest.mark.slow
 def test_policy_weights_are_identical_on_both_ranks(ddp_run):
-    ranks = [json.loads((ddp_run / "probe" / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = probes(ddp_run)
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["policy_sha256"] == ranks[1]["policy_sha256"]
     assert ranks[0]["steps"][0]["rewards"] != ranks[1]["steps"][0]["rewards"], "ranks must see different prompts"
@@ -59,7 +81,7 @@ def test_policy_weights_are_identical_on_both_ranks(ddp_run):
 
 @pytest.mark.slow
 def test_logged_metrics_equal_one_process_on_the_union_of_samples(ddp_run):
-    ranks = [json.loads((ddp_run / "probe" / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = probes(ddp_run)
     rows = [r for r in csv.DictReader(open(next(ddp_run.rglob("metrics.csv")))) if r.get("train/kl/rb/mean")]
     assert len(rows) == len(ranks[0]["steps"]) == 4
     for step, row in enumerate(rows):
@@ -93,7 +115,9 @@ def _generation_worker(rank: int, port: int, synced: bool, sampler: str, out_dir
     from {{ cookiecutter.package_name }}.sampling import sample_fast, sample_responses, sampling_config
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=300)
+    )  # a loaded machine is not a hang
     try:
         model = load_causal_lm("builtin:tiny-gpt2").eval()
         calls = []

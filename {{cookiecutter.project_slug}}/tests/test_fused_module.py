@@ -122,3 +122,17 @@ def test_a_model_whose_logits_are_not_its_head_is_refused_in_one_sentence(folder
 def test_automatic_choice_fuses_only_large_steps(folders):
     pair = build(folders["llama"], None).pair
     assert not pair.fuses(None, 100) and pair.fuses(None, 10**7)
+
+
+def test_fsdp_with_the_fused_head_is_refused_in_one_sentence_and_auto_is_accepted():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    # FSDP needs GPUs to build a Trainer; check_trainer reads only these three of its attributes.
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), accumulate_grad_batches=1, gradient_clip_val=None)
+    with pytest.raises(ValueError, match="updates.fused_lm_head needs the LM head's whole weight, which FSDP shards"):
+        RBKLModule(updates=Updates(fused_lm_head=True)).check_trainer(trainer)
+    RBKLModule(updates=Updates(fused_lm_head=None)).check_trainer(
+        trainer
+    )  # auto: model_step keeps the logits under FSDP

@@ -79,3 +79,44 @@ def test_a_module_without_a_trainer_says_so():
 def test_the_cli_parses_ckpt_path_in_the_method_replaced():
     assert parameters(LightningCLI._parse_ckpt_path) == ["self"]
     assert "self._parse_ckpt_path()" in inspect.getsource(LightningCLI)
+
+
+def test_the_loop_decides_validation_and_holds_sigterm_where_last_checkpoint_reads_them():
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    from {{ cookiecutter.package_name }}.lightning_internals import hold_sigterm, release_sigterm
+
+    assert parameters(_TrainingEpochLoop._should_check_val_fx) == ["self", "data_fetcher"]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    assert hasattr(trainer.fit_loop, "_data_fetcher")
+    assert trainer.received_sigterm is False and hold_sigterm(trainer) is False
+    release_sigterm(trainer)
+    assert trainer.received_sigterm is True, "the loops read the flag release_sigterm sets"
+    assert hold_sigterm(trainer) is True and trainer.received_sigterm is False
+
+
+def test_a_checkpoint_holds_the_loop_counters_that_start_next_epoch_afresh_resets():
+    from {{ cookiecutter.package_name }}.lightning_internals import start_next_epoch_afresh
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    loop = trainer.fit_loop.state_dict()
+    assert set(loop["epoch_progress"]["current"]) == {"ready", "started", "processed", "completed"}
+    assert set(loop["epoch_loop.batch_progress"]) >= {"current", "is_last_batch"}
+    # An epoch complete, its 8 batches still counted as the current epoch's.
+    loop["epoch_progress"]["current"] = dict.fromkeys(loop["epoch_progress"]["current"], 1)
+    loop["epoch_loop.batch_progress"]["current"] = dict.fromkeys(loop["epoch_loop.batch_progress"]["current"], 8)
+    loop["epoch_loop.batch_progress"]["is_last_batch"] = True
+    checkpoint = {"loops": {"fit_loop": loop}}
+    start_next_epoch_afresh(checkpoint)
+    assert set(loop["epoch_loop.batch_progress"]["current"].values()) == {0}
+    assert loop["epoch_loop.batch_progress"]["is_last_batch"] is False
+    # Mid-epoch (the epoch started, not completed): left as it is.
+    loop["epoch_progress"]["current"]["ready"] = 2
+    loop["epoch_loop.batch_progress"]["current"]["completed"] = 3
+    start_next_epoch_afresh(checkpoint)
+    assert loop["epoch_loop.batch_progress"]["current"]["completed"] == 3
+
+
+def test_the_csv_writer_rewrites_and_writes_hparams_in_the_methods_replaced():
+    assert parameters(ExperimentWriter._rewrite_with_new_header) == ["self", "fieldnames"]
+    assert parameters(ExperimentWriter.log_hparams) == ["self", "params"]

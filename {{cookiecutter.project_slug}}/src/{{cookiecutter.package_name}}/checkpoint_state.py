@@ -1,28 +1,12 @@
-"""What the module adds to a checkpoint and checks in it: the sampling randomness, and only the
-weights that train (the reference and the reward are rebuilt from the config)."""
+"""What the module checks in a checkpoint, and keeps of it: only the weights that train (the
+reference and the reward are rebuilt from the config)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from .options import nest_flat_options
-
-
-def record_rng(checkpoint: dict[str, Any]) -> None:
-    """The sampling randomness at this step: with the data order (data.EpochShuffle) it makes a
-    resumed CPU run repeat the uninterrupted one."""
-    checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
-
-
-def restore_rng(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def keep_only(checkpoint: dict[str, Any], keys: Sequence[str]) -> None:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import traceback
@@ -28,12 +29,15 @@ from .module import RBKLModule
 from .options import option_groups
 from .runs import (
     LastCheckpoint,
+    UnreadableCheckpoint,
     drop_rows_after,
     find_last_checkpoint,
     model_config,
     objective_changes,
-    read_checkpoint,
+    readable_checkpoint,
+    resume_config_name,
     run_version,
+    stop_report,
     warn_objective_changes,
 )
 
@@ -47,6 +51,18 @@ HELP = (
 
 
 class CLI(ExplicitValuesWin, LightningCLI):
+    def __init__(self, *args, **kwargs):
+        self.argv: list[str] | None = None  # the command line, to print the one that continues the run
+        self.runs_before: set[Path] = set()  # the logger's run folders before this start
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException as error:
+            if isinstance(error, SIGTERMException) or CTRL_C.stopped_at_once:
+                self._report_stop()
+            else:
+                self._remove_failed_start()
+            raise
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # last.ckpt every N optimizer steps, at the end, and on SIGTERM/SIGINT (the current step):
         # `--ckpt_path last` resumes from it. Epoch checkpoints come from the callback list below.
@@ -78,6 +94,7 @@ class CLI(ExplicitValuesWin, LightningCLI):
         if args is not None and not isinstance(args, list | tuple):  # a dict or Namespace from Python
             return super().parse_arguments(parser, args)
         argv = list(sys.argv[1:] if args is None else args)
+        self.argv = list(argv)
         subcommand, ckpt_path = _subcommand_and_checkpoint(argv)
         if ckpt_path is None:
             return super().parse_arguments(parser, args)
@@ -89,7 +106,10 @@ class CLI(ExplicitValuesWin, LightningCLI):
             path = Path(ckpt_path)
             if not path.is_file():
                 sys.exit(f"error: --ckpt_path {ckpt_path}: no such checkpoint file")
-        saved = read_checkpoint(path)
+        try:
+            path, saved = readable_checkpoint(path, fall_back=ckpt_path == "last")
+        except UnreadableCheckpoint as error:
+            sys.exit(f"error: {error}")
         saved_model, moved = model_config(saved["hparams"])
         if moved:
             print(f"{path} predates the option groups; its options are read as: {', '.join(moved)}", file=sys.stderr)
@@ -122,6 +142,9 @@ class CLI(ExplicitValuesWin, LightningCLI):
         return found
 
     def before_instantiate_classes(self) -> None:
+        init = self._logger_args(self.subcommand) if self.subcommand else {}
+        if init:
+            self.runs_before = set(Path(init.get("save_dir", "logs"), init.get("name") or "").glob("version_*"))
         trainer = self.config[self.subcommand]["trainer"] if self.subcommand else None
         if trainer is not None and trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
             # Batch jobs switch bars off; Lightning refuses a progress bar among the callbacks then.
@@ -143,8 +166,28 @@ class CLI(ExplicitValuesWin, LightningCLI):
             dropped = drop_rows_after(run_dir / "metrics.csv", step)
             if dropped:
                 print(f"resuming {run_dir} at step {step}: dropped {dropped} metrics rows logged after it")
-        # The first run's config.yaml stays; this resume's is written beside it.
-        self.save_config_kwargs["config_filename"] = f"config.resumed-at-step-{step}.yaml"
+        # The first run's config.yaml stays; this resume's is written beside it (a second resume
+        # of the same checkpoint, after another interruption, gets a name of its own).
+        self.save_config_kwargs["config_filename"] = resume_config_name(run_dir, step)
+
+    def _report_stop(self) -> None:
+        """One line: where the run stopped, what was saved, and the command that continues it."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.is_global_zero:
+            return
+        saver = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+        path = Path(saver.dirpath, "last.ckpt") if saver is not None and saver.dirpath else None
+        cause = "Ctrl-C" if CTRL_C.presses else "SIGTERM"
+        sys.stderr.write(stop_report(cause, path, self.argv, saved_now=not CTRL_C.stopped_at_once) + "\n")
+
+    def _remove_failed_start(self) -> None:
+        """A start that failed before its first step leaves no run folder behind (nor one half filled)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.is_global_zero or trainer.global_step > 0 or trainer.logger is None:
+            return
+        run_dir = Path(trainer.logger.log_dir)
+        if run_dir.is_dir() and run_dir not in self.runs_before and not any(run_dir.rglob("*.ckpt")):
+            shutil.rmtree(run_dir)
 
     def after_fit(self) -> None:
         run_dir = self.trainer.log_dir  # every rank: a broadcast under DDP
@@ -214,9 +257,12 @@ class _DropTips(logging.Filter):
     """Lightning's advertising tips and bookkeeping notes: not what a first run should print."""
 
     NOISE = ("💡 Tip:", "Loading `train_dataloader` to estimate")
+    # The stop is reported in one line of our own (CLI._report_stop), which names the checkpoint.
+    SAID_ELSEWHERE = ("Received SIGTERM", "Bypassing SIGTERM", "Detected KeyboardInterrupt")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.NOISE)
+        message = str(record.msg)
+        return not message.startswith(self.NOISE) and not any(said in message for said in self.SAID_ELSEWHERE)
 
 
 def _quiet() -> None:
@@ -227,18 +273,41 @@ def _quiet() -> None:
     # LeafSpec notice is Lightning's own deprecation, which a user cannot act on.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # The data order continues mid-epoch by itself (data.EpochShuffle), which Lightning cannot see.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+
+
+class CtrlC:
+    """Ctrl-C while training stops the run as SIGTERM does: at the end of the batch in flight (and of
+    its validation), with last.ckpt saved. A second Ctrl-C stops at once and saves nothing: a batch cut
+    short may have taken some of its optimizer steps, and the previous last.ckpt resumes exactly."""
+
+    def __init__(self) -> None:
+        self.presses = 0
+
+    @property
+    def stopped_at_once(self) -> bool:
+        return self.presses > 1
+
+    def __call__(self, signum, frame) -> None:
+        self.presses += 1
+        lightning_handler = signal.getsignal(signal.SIGTERM)  # callable while a trainer runs
+        if self.presses == 1 and callable(lightning_handler):
+            sys.stderr.write("\nCtrl-C: stopping after this batch and saving (press again to stop at once, unsaved)\n")
+            lightning_handler(signal.SIGTERM, frame)
+        else:
+            self.presses = max(self.presses, 2)
+            raise KeyboardInterrupt
+
+
+CTRL_C = CtrlC()
 
 
 def main(args=None) -> CLI:
     """Run the CLI. Errors end with one line `error: <sentence>` (RBKL_TRACEBACK=1: the traceback)."""
     _quiet()
-    interrupted = []
-
-    def on_sigint(signum, frame):
-        interrupted.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    CTRL_C.presses = 0
+    previous = signal.signal(signal.SIGINT, CTRL_C)
     try:
         return CLI(
             RBKLModule,
@@ -248,10 +317,12 @@ def main(args=None) -> CLI:
             args=args,
         )
     except SIGTERMException:
-        # Lightning saved the checkpoint (last_checkpoint.save_on_exception) and re-raised.
-        sys.exit(EXIT_SIGTERM)
+        # LastCheckpoint saved the checkpoint and CLI printed how to continue.
+        sys.exit(EXIT_SIGINT if CTRL_C.presses else EXIT_SIGTERM)
+    except KeyboardInterrupt:  # before the trainer ran: nothing to save
+        sys.exit(EXIT_SIGINT)
     except SystemExit as exit_:
-        if interrupted and exit_.code not in (0, None):
+        if CTRL_C.presses and exit_.code not in (0, None):
             sys.exit(EXIT_SIGINT)
         if exit_.code == 2 and exit_.__context__ is not None:
             # jsonargparse printed the usage and its nested message; the gist goes last.

@@ -11,14 +11,31 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from .atomic_files import read_csv, replaced_atomically, write_csv
+
 
 class AppendingWriter(ExperimentWriter):
+    """Appends to a resumed run's metrics.csv, and rewrites it (a new column) or hparams.yaml through a
+    temporary file and a rename: a kill at any moment leaves the old file or the new one, whole."""
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        path = Path(self.metrics_file_path)
+        write_csv(path, fieldnames, read_csv(path)[1])
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        self.hparams.update(params)
+        with replaced_atomically(Path(self.log_dir, self.NAME_HPARAMS_FILE)) as tmp:
+            save_hparams_to_yaml(tmp, self.hparams)
+
     def _check_log_dir_exists(self) -> None:
         # Lightning's writer deletes an existing metrics.csv; a resumed run appends to it instead
         # (the CLI has already dropped the rows past the checkpoint's step).
@@ -57,6 +74,53 @@ def save_step_checkpoint(callback: ModelCheckpoint, trainer: L.Trainer) -> None:
         return
     callback._save_topk_checkpoint(trainer, candidates)
     callback._save_last_checkpoint(trainer, candidates)
+
+
+def validates_after_this_batch(trainer: L.Trainer) -> bool:
+    """Whether the training loop runs validation right after the current batch (its own decision)."""
+    loop = trainer.fit_loop
+    return loop.epoch_loop._should_check_val_fx(loop._data_fetcher)
+
+
+def defer_save_to_validation_end(callback: ModelCheckpoint) -> None:
+    """ModelCheckpoint.on_validation_end then takes the step save that was due."""
+    callback._defer_save_until_validation = True
+
+
+def take_deferred_save(callback: ModelCheckpoint, trainer: L.Trainer) -> None:
+    """The deferred step save, where on_validation_end did not take it (no validation ran)."""
+    if callback._defer_save_until_validation:
+        callback._defer_save_until_validation = False
+        save_step_checkpoint(callback, trainer)
+
+
+def save_last_now(callback: ModelCheckpoint, trainer: L.Trainer) -> None:
+    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+
+def hold_sigterm(trainer: L.Trainer) -> bool:
+    """Clears a received SIGTERM, so that the evaluation loop does not stop mid-validation; True if one was held."""
+    connector = trainer._signal_connector
+    held, connector.received_sigterm = connector.received_sigterm, False
+    return held
+
+
+def release_sigterm(trainer: L.Trainer) -> None:
+    """The training loop stops at the end of the current batch, as on a SIGTERM (and saves on the way out)."""
+    trainer._signal_connector.received_sigterm = True
+
+
+def start_next_epoch_afresh(checkpoint: dict[str, Any]) -> None:
+    """A checkpoint taken once an epoch is complete (SIGTERM at an epoch's last batch, the end of
+    training) still counts that epoch's batches as the current epoch's, so a resume would take the
+    next epoch as done too: set the current epoch's batch count to zero, as Lightning's next epoch does."""
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not loop:
+        return
+    epochs, batches = loop["epoch_progress"]["current"], loop["epoch_loop.batch_progress"]
+    if epochs["ready"] == epochs["completed"] and batches["current"]["completed"] > 0:
+        batches["current"] = dict.fromkeys(batches["current"], 0)
+        batches["is_last_batch"] = False
 
 
 def batches_done_in_restarted_epoch(trainer: L.Trainer | None) -> int:

@@ -29,14 +29,15 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
-from .checkpoint_state import check_grouped, check_holds, keep_only, record_rng, restore_rng
+from .checkpoint_state import check_grouped, check_holds, keep_only
 from .estimators import LOGGED_ESTIMATORS, all_kl_values
-from .lightning_internals import attached_trainer, plain_hyperparameters
+from .lightning_internals import attached_trainer, plain_hyperparameters, start_next_epoch_afresh
 from .metrics import STAGES, EstimatorStudy
 from .model_pair import ModelPair
 from .models import freeze
 from .objective import LossParts, Objective, StepOutput, rloo_kl_loss
 from .options import LoRA, Optimization, Sampling, Updates, as_group
+from .random_draws import batch_seed, seeded_draws
 from .rewards import Reward
 from .rollout import PromptEncoder, ResponseSampler, Rollout, score_responses
 from .schedules import lr_lambda
@@ -109,7 +110,9 @@ class RBKLModule(L.LightningModule):
         self.studies = nn.ModuleDict({f"{stage}_study": EstimatorStudy(stage, LOGGED_ESTIMATORS) for stage in STAGES})
         # Checkpoints hold the policy only: the reference and reward are rebuilt from the config.
         self.strict_loading = False
-        self._rng_states_to_restore: dict[str, Any] | None = None  # set by on_load_checkpoint
+        # The seed seed_everything set (LightningCLI seeds before building the module); a resumed
+        # run takes the checkpoint's, so that it continues the same draws (random_draws.py).
+        self.run_seed = torch.initial_seed()
 
     @property
     def stop_ids(self) -> list[int]:
@@ -141,20 +144,19 @@ class RBKLModule(L.LightningModule):
         return [f"policy.{name}" for name in self.pair.trained_names()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        record_rng(checkpoint)  # restored at the first resumed batch
+        checkpoint["run_seed"] = self.run_seed
+        start_next_epoch_afresh(checkpoint)
         keep_only(checkpoint, self.checkpointed_keys())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_holds(checkpoint, self.checkpointed_keys())
         check_grouped(checkpoint.get("hyper_parameters", {}), self.accepts_flat_checkpoint)
-        self._rng_states_to_restore = checkpoint.get("rng_states")
+        self.run_seed = checkpoint.get("run_seed", self.run_seed)
 
-    def on_train_batch_start(self, batch: list[str], batch_idx: int) -> None:
-        # Restored here, not at load: Lightning draws random numbers between loading and training.
-        states, self._rng_states_to_restore = self._rng_states_to_restore, None
-        # Ranks draw from different streams (on_fit_start); the checkpoint holds rank 0's only.
-        if states is not None and self.trainer.world_size == 1:
-            restore_rng(states)
+    def draws(self, stage: str, batch_idx: int = 0):
+        """The random draws of one batch, a function of (run seed, rank, stage, step, batch) only."""
+        seed = batch_seed(self.run_seed, self.global_rank, stage, self.global_step, batch_idx)
+        return seeded_draws(seed, self.device)
 
     # -- checks that need more than one option ---------------------------------------------------
 
@@ -236,25 +238,22 @@ class RBKLModule(L.LightningModule):
 
     # -- stages --------------------------------------------------------------------------------
 
-    def on_fit_start(self) -> None:
-        # Every rank was seeded alike; without an offset, ranks would draw correlated samples.
-        if self.trainer.world_size > 1:
-            torch.manual_seed(torch.initial_seed() + self.global_rank)
-
     def training_step(self, batch: list[str], batch_idx: int) -> dict[str, Tensor]:
-        rollout = self.rollout(batch, self.sampling.samples_per_prompt)
         first_step = self.global_step
-        lr = self.optimizers().param_groups[0]["lr"]  # of the batch's first update
-        update = self.updater(rollout)
+        with self.draws("train"):  # the samples and the minibatch order
+            rollout = self.rollout(batch, self.sampling.samples_per_prompt)
+            lr = self.optimizers().param_groups[0]["lr"]  # of the batch's first update
+            update = self.updater(rollout)
         self.study("train").update(update.sampled.values, rollout.rewards, rollout.group_size)
         if should_log(self.trainer, first_step):
             log_batch(self, self.study("train"), self.objective, rollout, update, first_step, lr)
         # Callbacks see this rank's per-sample values in on_train_batch_end.
         return {"rewards": rollout.rewards, **{f"kl/{n}": v for n, v in update.sampled.values.items()}}
 
-    def evaluation_step(self, stage: str, batch: list[str], samples_per_prompt: int) -> dict[str, Any]:
+    def evaluation_step(self, stage: str, batch: list[str], batch_idx: int, samples_per_prompt: int) -> dict[str, Any]:
         """Validation and test: M samples per prompt, every estimator on the same samples."""
-        rollout = self.rollout(batch, samples_per_prompt)
+        with self.draws(stage, batch_idx):
+            rollout = self.rollout(batch, samples_per_prompt)
         values = self.model_step(rollout, with_loss=False).values  # Lightning evaluates without grad
         self.study(stage).update(values, rollout.rewards, rollout.group_size)
         # Callbacks (the sample table) see the texts and this rank's per-sample values.
@@ -266,10 +265,10 @@ class RBKLModule(L.LightningModule):
         }
 
     def validation_step(self, batch: list[str], batch_idx: int) -> dict[str, Any]:
-        return self.evaluation_step("val", batch, self.sampling.val_samples_per_prompt)
+        return self.evaluation_step("val", batch, batch_idx, self.sampling.val_samples_per_prompt)
 
     def test_step(self, batch: list[str], batch_idx: int) -> dict[str, Any]:
-        return self.evaluation_step("test", batch, self.sampling.test_samples_per_prompt)
+        return self.evaluation_step("test", batch, batch_idx, self.sampling.test_samples_per_prompt)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.study("val").compute())

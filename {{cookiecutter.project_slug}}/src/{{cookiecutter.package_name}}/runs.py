@@ -9,8 +9,9 @@ that alters the objective is reported. train.py wires these helpers into Lightni
 
 from __future__ import annotations
 
-import csv
 import re
+import shlex
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,13 +22,21 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .atomic_files import read_csv, write_csv
 from .lightning_internals import (
     appending_experiment,
+    defer_save_to_validation_end,
     every_n_train_steps,
+    hold_sigterm,
     last_saved_step,
+    release_sigterm,
+    save_last_now,
     save_step_checkpoint,
     saves_on_a_timer,
+    take_deferred_save,
+    validates_after_this_batch,
 )
 from .options import complete_groups, nest_flat_options
 
@@ -70,11 +79,15 @@ class RunLogger(CSVLogger):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that also writes last.ckpt when training ends between two of its saves.
+    """ModelCheckpoint for last.ckpt: saved at the same point of a batch whatever triggers it, so that
+    every last.ckpt resumes to the uninterrupted run's history.
 
-    The module steps its optimizer itself, possibly several times per batch: a save is due when
-    a batch's steps reach a multiple of every_n_train_steps (not only when they land on it), and
-    it holds the weights after the batch, which is where a resume continues.
+    That point is the end of a batch and of the validation that follows it, if any: a step save due
+    at an epoch's last batch waits for the epoch's validation (a resume would otherwise skip it), a
+    SIGTERM or Ctrl-C received during validation waits for its end, and an error or a second Ctrl-C
+    in the middle of a batch saves nothing (the previous last.ckpt stays, which resumes exactly).
+    The module steps its optimizer itself, possibly several times per batch: a save is due when a
+    batch's steps reach a multiple of every_n_train_steps (not only when they land on it).
     """
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
@@ -85,7 +98,29 @@ class LastCheckpoint(ModelCheckpoint):
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         every, start = every_n_train_steps(self), getattr(self, "_step_at_batch_start", trainer.global_step)
         if every >= 1 and trainer.global_step // every > start // every:
-            save_step_checkpoint(self, trainer)
+            if validates_after_this_batch(trainer):
+                defer_save_to_validation_end(self)
+            else:
+                save_step_checkpoint(self, trainer)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._sigterm_held = getattr(self, "_sigterm_held", False) or hold_sigterm(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if getattr(self, "_sigterm_held", False):
+            self._sigterm_held = False
+            release_sigterm(trainer)  # the training loop stops after this batch and saves
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        take_deferred_save(self, trainer)  # if no validation ran after all
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning raises SIGTERMException at the end of a batch; anything else may have struck in
+        # the middle of one, with some of its optimizer steps taken.
+        if isinstance(exception, SIGTERMException) and self.save_last and self.dirpath is not None:
+            save_last_now(self, trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
@@ -124,6 +159,76 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         "global_step": int(checkpoint.get("global_step", 0)),
         "hparams": dict(checkpoint.get("hyper_parameters", {})),
     }
+
+
+class UnreadableCheckpoint(ValueError):
+    pass
+
+
+def readable_checkpoint(path: Path, fall_back: bool) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint and its entries; if it cannot be read (a truncated or corrupt file), the newest
+    readable checkpoint beside it when `fall_back` (with a warning), else UnreadableCheckpoint naming it."""
+    try:
+        return path, read_checkpoint(path)
+    except Exception as error:  # torch.load raises whatever the damage makes the unpickler meet
+        problem = f"{path} cannot be read, truncated or corrupt ({type(error).__name__})"
+        older = newest_readable(path.parent, but=path)
+        if older is None:
+            raise UnreadableCheckpoint(f"{problem}, and no other checkpoint lies beside it") from None
+        step = older[1]["global_step"]
+        if not fall_back:
+            raise UnreadableCheckpoint(
+                f"{problem}: resume from the older checkpoint beside it, --ckpt_path {older[0]} (step {step})"
+            ) from None
+        warnings.warn(f"{problem}: resuming from the older {older[0]} (step {step}) instead", UserWarning, stacklevel=2)
+        return older
+
+
+def newest_readable(folder: Path, but: Path) -> tuple[Path, dict[str, Any]] | None:
+    found = []
+    for candidate in folder.glob("*.ckpt"):
+        if candidate.resolve() == but.resolve():
+            continue
+        try:
+            found.append((candidate, read_checkpoint(candidate)))
+        except Exception:  # damaged as well
+            continue
+    return max(found, key=lambda f: (f[1]["global_step"], f[0].stat().st_mtime), default=None)
+
+
+def resume_config_name(run_dir: Path, step: int) -> str:
+    """config.resumed-at-step-S.yaml, or .2.yaml, .3.yaml ... when the same checkpoint was resumed before."""
+    name, n = f"config.resumed-at-step-{step}.yaml", 2
+    while (run_dir / name).exists():
+        name, n = f"config.resumed-at-step-{step}.{n}.yaml", n + 1
+    return name
+
+
+def continue_command(argv: list[str], checkpoint: Path) -> str:
+    """The command line that was run, resuming from `checkpoint`."""
+    args, skip_next = [], False
+    for arg in argv:
+        if skip_next or arg.startswith("--ckpt_path="):
+            skip_next = False
+            continue
+        if arg == "--ckpt_path":
+            skip_next = True
+            continue
+        args.append(arg)
+    return shlex.join(["python", sys.argv[0], *args, "--ckpt_path", str(checkpoint)])
+
+
+def stop_report(cause: str, checkpoint: Path | None, argv: list[str] | None, saved_now: bool) -> str:
+    """What an interrupted run prints last: the checkpoint that holds it and the command that continues it."""
+    if checkpoint is None or not checkpoint.is_file():
+        return f"stopped by {cause} before any checkpoint was saved: nothing to continue from, start the run again"
+    step = read_checkpoint(checkpoint)["global_step"]
+    if saved_now:
+        saved = f"stopped by {cause}, saved {checkpoint} (step {step})"
+    else:
+        saved = f"stopped at once by {cause}, nothing saved; the last checkpoint is {checkpoint} (step {step})"
+    command = continue_command(argv, checkpoint) if argv is not None else f"--ckpt_path {checkpoint}"
+    return f"{saved}; continue with: {command}"
 
 
 def model_config(hparams: Mapping[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
@@ -167,15 +272,10 @@ def drop_rows_after(metrics_csv: Path, step: int) -> int:
     """
     if not metrics_csv.is_file():
         return 0
-    with open(metrics_csv, newline="") as f:
-        reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames or [], list(reader)
+    fields, rows = read_csv(metrics_csv)
     kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
     if len(kept) < len(rows):
-        with open(metrics_csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(kept)
+        write_csv(metrics_csv, fields, kept)  # a kill now leaves the old file whole, not a cut one
     return len(rows) - len(kept)
 
 
