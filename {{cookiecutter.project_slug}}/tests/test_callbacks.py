@@ -173,6 +173,9 @@ def test_estimator_spread_explains_each_name_and_keeps_a_readable_range(epochs, 
     data_lines = [bars.lines[0] for bars in ax.containers]  # each errorbar's line through its points
     styles = [(line.get_marker(), str(line.get_linestyle())) for line in data_lines]
     assert len(styles) == len(LOGGED_ESTIMATORS) == len(set(styles)), styles
+    # Equal spreads (all 0 at epoch 0) still show every marker: at least 3 pixels apart.
+    first = sorted(ax.transData.transform(line.get_xydata()[0])[0] for line in data_lines)
+    assert min(b - a for a, b in zip(first[:-1], first[1:], strict=True)) >= 3, first
 
 
 @pytest.mark.parametrize("equal", [False, True])

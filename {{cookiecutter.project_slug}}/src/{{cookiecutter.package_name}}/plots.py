@@ -289,10 +289,15 @@ def reward_vs_kl(
 
 
 def estimator_spread(history: Sequence[Mapping[str, float]], estimators: Sequence[str]) -> Figure:
-    """Each estimator's standard deviation over samples of one prompt, per epoch, with error bars."""
+    """Each estimator's standard deviation over samples of one prompt, per epoch, with error bars
+    (each estimator's points a few pixels beside the others', so that equal values stay visible)."""
     fig, ax = _figure()
     epochs, top = [], 0.0
-    for name in estimators:
+    # Estimators with equal spreads (mc, cv_opt at epoch 0) would hide each other's markers:
+    # each is shifted sideways by about 5 pixels from the next, whatever the number of epochs.
+    known = [h["epoch"] for h in history]
+    dodge = (max(known) - min(known) + 1) * 5 / 540 if known else 0.0
+    for index, name in enumerate(estimators):
         var, var_sem = kl_key("val", name, "within_prompt_var"), kl_key("val", name, "within_prompt_var_sem")
         pts = [h for h in history if _finite(h.get(var)) and h[var] >= 0]
         if not pts:
@@ -303,7 +308,10 @@ def estimator_spread(history: Sequence[Mapping[str, float]], estimators: Sequenc
         epochs += [h["epoch"] for h in pts]
         top = max(top, *(s + e for s, e in zip(sd, err, strict=True)))
         label = ESTIMATOR_NAMES.get(name, name)
-        ax.errorbar([h["epoch"] for h in pts], sd, yerr=err, capsize=3, label=label, markersize=5, **_style(name))
+        shift = (index - (len(estimators) - 1) / 2) * dodge
+        xs = [h["epoch"] + shift for h in pts]
+        # Unclipped: a spread of 0 sits on the bottom edge, and its marker shows whole.
+        ax.errorbar(xs, sd, yerr=err, capsize=3, label=label, markersize=5, clip_on=False, **_style(name))
     if epochs:
         # Whole epochs only, and half an epoch either side: a single epoch gets a range too.
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
