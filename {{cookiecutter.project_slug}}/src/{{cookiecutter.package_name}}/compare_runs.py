@@ -97,7 +97,12 @@ def configured_reward(run_dir: Path) -> str | None:
 
     The module keeps the reward out of hparams.yaml (it is an object), so the config is the record.
     """
-    resumed = sorted(run_dir.glob("config.resumed-at-step-*.yaml"), key=lambda p: int(p.stem.rsplit("-", 1)[-1]))
+    steps = {
+        int(p.stem.rsplit("-", 1)[-1]): p
+        for p in run_dir.glob("config.resumed-at-step-*.yaml")
+        if p.stem.rsplit("-", 1)[-1].isdigit()
+    }
+    resumed = [steps[step] for step in sorted(steps)]
     path = resumed[-1] if resumed else run_dir / "config.yaml"
     try:
         config = yaml.safe_load(path.read_text()) or {}

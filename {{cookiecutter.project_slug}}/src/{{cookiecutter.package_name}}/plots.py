@@ -292,7 +292,7 @@ def estimator_spread(history: Sequence[Mapping[str, float]], estimators: Sequenc
     """Each estimator's standard deviation over samples of one prompt, per epoch, with error bars
     (each estimator's points a few pixels beside the others', so that equal values stay visible)."""
     fig, ax = _figure()
-    epochs, top = [], 0.0
+    epochs, top, smallest = [], 0.0, math.inf
     # Estimators with equal spreads (mc, cv_opt at epoch 0) would hide each other's markers:
     # each is shifted sideways by about 5 pixels from the next, whatever the number of epochs.
     known = [h["epoch"] for h in history]
@@ -307,6 +307,7 @@ def estimator_spread(history: Sequence[Mapping[str, float]], estimators: Sequenc
         err = [_value(h, var_sem) / (2 * s) if s > 0 else 0.0 for h, s in zip(pts, sd, strict=True)]
         epochs += [h["epoch"] for h in pts]
         top = max(top, *(s + e for s, e in zip(sd, err, strict=True)))
+        smallest = min(smallest, *(s for s in sd if s > 0), math.inf)
         label = ESTIMATOR_NAMES.get(name, name)
         shift = (index - (len(estimators) - 1) / 2) * dodge
         xs = [h["epoch"] + shift for h in pts]
@@ -315,7 +316,8 @@ def estimator_spread(history: Sequence[Mapping[str, float]], estimators: Sequenc
     if epochs:
         # Whole epochs only, and half an epoch either side: a single epoch gets a range too.
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
-        ax.set_yscale("symlog", linthresh=1e-3)
+        # Linear from 0 to the decade below the smallest positive spread, logarithmic above it.
+        ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(smallest)) if smallest < math.inf else 1e-3)
         # A spread is >= 0; with every spread 0 (the policy still equals the reference) the
         # axis keeps a readable range instead of a degenerate one around 0.
         ax.set_ylim(0, 2 * top if top > 0 else 1e-2)
