@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny random Hugging Face checkpoints saved to disk, loaded like hub models."""
+"""Shared fixtures: tiny random Hugging Face checkpoints saved to disk, loaded like hub models;
+the checks of a figure's labels and legend (`drawn_clashes`) and of its Pareto frontier."""
 
 from __future__ import annotations
 
 import functools
+import io
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +15,9 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from matplotlib.collections import PathCollection
+from matplotlib.text import Text
+from matplotlib.transforms import Bbox
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     DistilBertConfig,
@@ -196,3 +202,57 @@ def save_tiny_causal_lm(folder: Path, model_type: str, seed: int = 0) -> Path:
         model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
     return folder
+
+
+def drawn_clashes(fig) -> list[str]:
+    """What is wrong with a figure's point labels and legend, as rendered into a PNG.
+
+    Labels (the axes' texts) must not overlap each other or any marker, must stay inside the
+    axes, and the legend must lie outside the axes, where it hides no data. Markers are taken
+    from the drawn lines and scatters, at the size they are drawn.
+    """
+    fig.savefig(io.BytesIO(), format="png")
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    frame = ax.get_window_extent(renderer)
+    labels = [(t.get_text(), Text.get_window_extent(t, renderer)) for t in ax.texts]
+    markers = []
+    for line in ax.lines:
+        if line.get_marker() not in (None, "None", "", " "):
+            half = line.get_markersize() * fig.dpi / 72 / 2
+            markers += [(xy, half) for xy in line.get_transform().transform(line.get_xydata())]
+    for collection in ax.collections:
+        if isinstance(collection, PathCollection):
+            half = math.sqrt(collection.get_sizes()[0]) * fig.dpi / 72 / 2
+            markers += [(xy, half) for xy in collection.get_offset_transform().transform(collection.get_offsets())]
+    clashes = []
+    for i, (text, box) in enumerate(labels):
+        if not (frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1):
+            clashes.append(f"label {text!r} leaves the axes")
+        clashes += [f"labels {text!r} and {other!r} overlap" for other, b in labels[i + 1 :] if box.overlaps(b)]
+        for (x, y), half in markers:
+            if box.overlaps(Bbox.from_extents(x - half, y - half, x + half, y + half)):
+                clashes.append(f"label {text!r} covers the marker at pixel ({x:.0f}, {y:.0f})")
+    for legend in fig.legends + ([ax.get_legend()] if ax.get_legend() else []):
+        if legend.get_window_extent(renderer).overlaps(frame):
+            clashes.append("the legend overlaps the axes")
+    return clashes
+
+
+def non_dominated(points: list[tuple[float, float]]) -> set[int]:
+    """Found independently of `pareto_frontier`: i is on the frontier when its reward beats every point
+    of smaller KL and ties or beats every point of equal KL."""
+    front = set()
+    for i, (kl, reward) in enumerate(points):
+        smaller = [r for k, r in points if k < kl]
+        equal = [r for k, r in points if k == kl]
+        if all(reward > r for r in smaller) and reward >= max(equal):
+            front.add(i)
+    return front
+
+
+def frontier_line(fig) -> set[tuple[float, float]]:
+    """The points of the figure's frontier step line."""
+    (line,) = [line for line in fig.axes[0].lines if line.get_label() == "Pareto frontier"]
+    assert line.get_drawstyle() == "steps-post", "reward reached within a KL: a step after each point"
+    return {tuple(xy) for xy in line.get_xydata()}

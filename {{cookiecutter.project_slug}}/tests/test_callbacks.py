@@ -1,21 +1,26 @@
-"""A 2-epoch offline run: the logged names tools rely on, the PNGs, the estimator table."""
+"""A 2-epoch offline run: the logged names tools rely on, the PNGs, the estimator table; the
+plots drawn from synthetic histories of 1 to 30 epochs; the KL report's note on few prompts."""
 
 import csv
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
-from conftest import make_trainer
+from conftest import drawn_clashes, make_trainer
 from matplotlib.image import imread
 
+from {{ cookiecutter.package_name }} import plots
 from {{ cookiecutter.package_name }}.callbacks import EstimatorTable, EstimatorVariancePlot, RewardVsKLPlot, SampleTable
 from {{ cookiecutter.package_name }}.data import PromptDataModule
 from {{ cookiecutter.package_name }}.estimators import LOGGED_ESTIMATORS, VALUE_ESTIMATORS
-from {{ cookiecutter.package_name }}.metrics import KL_STATS
+from {{ cookiecutter.package_name }}.kl_report import MIN_PROMPTS_FOR_POPULATION, build_report, report_markdown
+from {{ cookiecutter.package_name }}.metrics import KL_STATS, kl_key, reward_key, size_key
 from {{ cookiecutter.package_name }}.module import RBKLModule
 from {{ cookiecutter.package_name }}.options import Optimization, Sampling
-from {{ cookiecutter.package_name }}.rewards import VaderSentimentReward
+from {{ cookiecutter.package_name }}.rewards import KeywordReward, VaderSentimentReward
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +104,131 @@ def test_plots_reach_tensorboard_when_it_is_the_logger(tiny_trainer, tmp_path):
     assert b"reward_vs_kl" in events and b"\x89PNG" in events  # the figure, as a PNG image summary
     assert b"train/kl/rb/mean" in events
     assert list((Path(trainer.log_dir) / "plots").glob("reward_vs_kl_epoch000.png"))
+
+
+# Within-prompt SDs relative to RB's: mc, k2, k3, cv and cv_opt nearly equal, as in real runs.
+SPREAD = {"rb": 1.0, "mc": 2.0, "k2": 1.9, "k3": 1.9, "cv": 2.3, "cv_opt": 2.3}
+
+
+def synthetic_history(epochs: int) -> list[dict[str, float]]:
+    """Validation metrics of a run drifting from its reference: epoch 0 has KL 0 and every spread
+    0 (policy = reference), then KL grows and the reward saturates, with some jitter."""
+    history = []
+    for epoch in range(epochs):
+        kl = 0.01 * epoch**1.3 * (1 + 0.1 * math.sin(3 * epoch))
+        row = {"epoch": float(epoch), "step": 10.0 * epoch, size_key("val", "prompts"): 16.0}
+        row[size_key("val", "samples_per_prompt")] = 8.0
+        row[reward_key("val", "mean")] = 0.1 + 0.5 * (1 - math.exp(-epoch / 6)) + 0.01 * math.cos(5 * epoch)
+        row[reward_key("val", "sem_prompts")] = 0.04
+        for i, name in enumerate(LOGGED_ESTIMATORS):
+            var = 0.5 * (SPREAD[name] * kl) ** 2
+            row[kl_key("val", name, "mean")] = kl * (1 + 0.05 * math.sin(epoch + i))
+            row[kl_key("val", name, "sem_prompts")] = 0.1 * kl + (0.002 if epoch else 0.0)
+            row[kl_key("val", name, "within_prompt_var")] = var
+            row[kl_key("val", name, "within_prompt_var_sem")] = 0.2 * var
+        history.append(row)
+    return history
+
+
+@pytest.mark.parametrize("epochs", [1, 3, 10, 30])
+def test_reward_vs_kl_labels_first_and_last_epoch_clear_of_markers_and_legend(epochs, tmp_path):
+    fig = plots.reward_vs_kl(synthetic_history(epochs), ["rb", "mc"], reward_name="VaderSentimentReward")
+    fig.savefig(tmp_path / f"reward_vs_kl_{epochs}.png")  # for a look: pytest --basetemp=DIR
+    assert drawn_clashes(fig) == []
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert "epoch 0" in labels and (epochs == 1 or str(epochs - 1) in labels), labels
+    assert len(labels) >= min(epochs, 4), "labels left out only where there is no room"
+    assert fig.axes[0].get_ylabel() == "reward: VaderSentimentReward"
+
+
+@pytest.mark.parametrize("reward, name", [(KeywordReward(["good"]), "KeywordReward"), (None, "no reward")])
+def test_the_reward_vs_kl_callback_names_the_modules_reward(reward, name):
+    def trl_style(prompts, completions, **kwargs):
+        return [0.0] * len(completions)
+
+    for given, expected in ((reward, name), (trl_style, "trl_style")):
+        callback = RewardVsKLPlot()
+        callback.setup(None, SimpleNamespace(reward=given), "fit")
+        callback.history = synthetic_history(3)
+        assert callback.draw().axes[0].get_ylabel() == f"reward: {expected}"
+
+
+@pytest.mark.parametrize("epochs", [1, 3, 30])
+def test_estimator_spread_explains_each_name_and_keeps_a_readable_range(epochs, tmp_path):
+    fig = plots.estimator_spread(synthetic_history(epochs), LOGGED_ESTIMATORS)
+    fig.savefig(tmp_path / f"estimator_spread_{epochs}.png")
+    assert drawn_clashes(fig) == []
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    for name in LOGGED_ESTIMATORS:
+        entry = next(t for t in legend if t.startswith(f"{name}:"))
+        assert len(entry) > len(name) + 10, f"{name} is explained, not just named: {entry!r}"
+    assert "d = log" in fig.legends[0].get_title().get_text(), "d, used in the explanations, is defined"
+    lo, hi = ax.get_xlim()
+    assert lo < 0 and epochs - 1 < hi and hi - lo >= 1, "whole epochs, with room either side"
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert ticks and all(t == int(t) for t in ticks), ticks
+    bottom, top = ax.get_ylim()
+    assert bottom == 0 and top >= 1e-3, "a spread is >= 0; all-zero spreads keep a readable range"
+    data_lines = [bars.lines[0] for bars in ax.containers]  # each errorbar's line through its points
+    styles = [(line.get_marker(), str(line.get_linestyle())) for line in data_lines]
+    assert len(styles) == len(LOGGED_ESTIMATORS) == len(set(styles)), styles
+    # Equal spreads (all 0 at epoch 0) still show every marker: at least 3 pixels apart.
+    first = sorted(ax.transData.transform(line.get_xydata()[0])[0] for line in data_lines)
+    assert min(b - a for a, b in zip(first[:-1], first[1:], strict=True)) >= 3, first
+
+
+@pytest.mark.parametrize("equal", [False, True])
+def test_kl_precision_lines_stay_visible_where_they_coincide(equal, tmp_path):
+    # k2 = k3 and cv = cv_opt exactly (with `equal`, every estimator the same): coinciding lines.
+    var = dict.fromkeys(LOGGED_ESTIMATORS, 0.05) if equal else {"mc": 0.48, "rb": 0.0018}
+    var = {"k2": 0.017, "k3": 0.017, "cv": 0.08, "cv_opt": 0.08, **var}
+    report = {
+        "prompts": 8,
+        "samples_per_prompt": 16,
+        "within_prompt_var_ratio_mc_over_rb": var["mc"] / var["rb"],
+        "estimators": {name: {"within_prompt_var": var[name]} for name in LOGGED_ESTIMATORS},
+    }
+    fig = plots.precision_vs_samples(report)
+    fig.savefig(tmp_path / f"kl_precision_{equal}.png")
+    assert drawn_clashes(fig) == []
+    ax = fig.axes[0]
+    assert not ax.texts, "no annotation inside the axes, where it would cross the lines"
+    legend = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert any(t.startswith("MC reaches it at M = ") for t in legend)
+    lines = [line for line in ax.lines if line.get_label() in legend and line.get_markevery() is not None]
+    assert len(lines) == len(LOGGED_ESTIMATORS), "one line per estimator, each in the legend"
+    styles = {(line.get_marker(), line.get_linestyle()) for line in lines}
+    assert len(styles) == len(lines), "every legend line has a marker and dashes of its own, colour aside"
+    marked = []
+    for line in lines:
+        start, step = line.get_markevery()
+        marked.append({round(x, 9) for x in line.get_xdata()[start::step]})
+    for i, mine in enumerate(marked):
+        others = set().union(*(m for j, m in enumerate(marked) if j != i))
+        assert mine and not mine & others, "each line's markers at samples sizes of its own"
+
+
+def kl_metrics(n: int, sem_prompts: dict[str, float], sem_within: float = 0.02) -> dict[str, float]:
+    metrics = {size_key("test", "prompts"): float(n), size_key("test", "samples_per_prompt"): 16.0}
+    for name in LOGGED_ESTIMATORS:
+        stats = {"mean": 0.3, "sem_prompts": sem_prompts.get(name, 0.05), "sem_within": sem_within}
+        stats |= {"within_prompt_var": 0.1, "neg_frac": 0.0}
+        metrics |= {kl_key("test", name, stat): value for stat, value in stats.items()}
+    return metrics
+
+
+def markdown_of(metrics: dict[str, float]) -> str:
+    return report_markdown(build_report(metrics, LOGGED_ESTIMATORS, policy="p", reference="q", max_new_tokens=8))
+
+
+def test_the_kl_report_says_when_there_are_too_few_prompts_for_the_population_interval():
+    few, enough = MIN_PROMPTS_FOR_POPULATION - 1, MIN_PROMPTS_FOR_POPULATION
+    assert "Note:" not in markdown_of(kl_metrics(enough, {}))
+    note = markdown_of(kl_metrics(few, {})).splitlines()[-1]
+    assert note.startswith(f"Note: With {few} prompts (fewer than {enough})") and "do not trust" in note
+    # MC's population interval a tenth as wide as its these-prompts one (as in the issue's
+    # 4-prompt report); k3's 0.8 times as wide, which chance gives often: not flagged.
+    note = markdown_of(kl_metrics(enough, {"mc": 0.002, "k3": 0.015})).splitlines()[-1]
+    assert note.startswith("Note: For mc the population interval came out less than half as wide"), note
+    assert "by chance" in note and "k3" not in note

@@ -1,10 +1,14 @@
-"""compare_runs: the Pareto frontier, the report, and errors that name the file."""
+"""compare_runs: the Pareto frontier, the report, the plot, a warning for mixed rewards, and
+errors that name the file."""
 
 import json
+import random
 
 import pytest
+from conftest import drawn_clashes, frontier_line, non_dominated
 from matplotlib.image import imread
 
+from {{ cookiecutter.package_name }} import plots
 from {{ cookiecutter.package_name }}.compare_runs import compare, main, pareto_frontier
 
 
@@ -20,8 +24,8 @@ def test_ties_are_all_on_the_frontier_and_single_points_too():
     assert pareto_frontier([]) == set()
 
 
-def write_run(folder, kl, reward, gradient, beta=0.05):
-    folder.mkdir(parents=True)
+def write_run(folder, kl, reward, gradient, beta=0.05, reward_config=None, config_name="config.yaml"):
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.csv").write_text(
         "epoch,step,train/loss,val/kl/rb/mean,val/reward/mean\n"
         f"0,9,1.0,{kl / 2},{reward / 2}\n0,10,0.5,,\n1,19,,{kl},{reward}\n"
@@ -29,7 +33,14 @@ def write_run(folder, kl, reward, gradient, beta=0.05):
     (folder / "hparams.yaml").write_text(
         f"objective:\n  kl_gradient: {gradient}\n  beta: {beta}\n"
     )  # as RBKLModule writes it
+    if reward_config is not None:  # as LightningCLI saves it (the reward is not in hparams.yaml)
+        config = {"model": {"class_path": "{{ cookiecutter.package_name }}.module.RBKLModule", "init_args": {"reward": reward_config}}}
+        (folder / config_name).write_text(json.dumps(config))
     return folder
+
+
+VADER = {"class_path": "{{ cookiecutter.package_name }}.rewards.VaderSentimentReward", "init_args": {"include_prompt": True}}
+KEYWORD = {"class_path": "{{ cookiecutter.package_name }}.rewards.KeywordReward", "init_args": {"words": ["good"], "scale": 1.0}}
 
 
 def test_compare_reports_frontier_shares_and_draws(tmp_path):
@@ -83,3 +94,42 @@ def test_incomplete_runs_are_skipped_with_a_line_each_unless_strict(tmp_path, ca
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
         main([str(empty), "--output", str(tmp_path / "out")])  # nothing left to compare
+
+
+def test_runs_with_different_rewards_get_one_warning_line_naming_them(tmp_path, capsys):
+    same = [write_run(tmp_path / f"same{i}", 1.0 + i, 0.5, "rb", reward_config=VADER) for i in range(2)]
+    main([*map(str, same), "--output", str(tmp_path / "out")])
+    assert "warning" not in capsys.readouterr().err, "equal rewards: no warning"
+
+    mixed = [*same, write_run(tmp_path / "keyword", 1.5, 2.0, "mc", reward_config=KEYWORD)]
+    main([*map(str, mixed), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: the runs were trained with different rewards"), err
+    assert "VaderSentimentReward(include_prompt=True) (2 runs)" in err[0]
+    assert "KeywordReward(words=['good'], scale=1.0) (1 run)" in err[0]
+
+    # The newest config of a resumed run is the one that counts; runs without a config say nothing.
+    write_run(tmp_path / "keyword", 1.5, 2.0, "mc", reward_config=VADER, config_name="config.resumed-at-step-40.yaml")
+    unknown = write_run(tmp_path / "unknown", 2.5, 0.1, "mc")
+    main([*map(str, mixed), str(unknown), "--output", str(tmp_path / "out")])
+    assert "warning" not in capsys.readouterr().err
+    none = write_run(tmp_path / "none", 0.5, 0.0, "rb", reward_config=None)
+    (none / "config.yaml").write_text(json.dumps({"model": {"init_args": {"reward": None}}}))
+    assert "none (1 run)" in compare([*same, none], tmp_path / "out")["warnings"][0]
+
+
+@pytest.mark.parametrize("count", [1, 4, 12, 30])
+def test_the_pareto_plot_draws_exactly_the_non_dominated_runs_with_clear_labels(count, tmp_path):
+    rng = random.Random(count)
+    points = []
+    for i in range(count):
+        kl = round(rng.uniform(0.1, 2.0), 1)  # rounded: ties in KL happen
+        gradient = ("rb", "mc")[i % 2]
+        points.append({"kl": kl, "reward": round(kl / 2 + rng.uniform(0, 0.3), 2), "kl_gradient": gradient})
+        points[-1]["beta"] = (0.02, 0.05, 0.1)[i % 3]
+    xy = [(p["kl"], p["reward"]) for p in points]
+    fig = plots.pareto(points, pareto_frontier(xy))
+    fig.savefig(tmp_path / f"pareto_{count}.png")
+    assert frontier_line(fig) == {xy[i] for i in non_dominated(xy)}
+    assert drawn_clashes(fig) == []
+    assert fig.axes[0].texts, "points are labelled where there is room"

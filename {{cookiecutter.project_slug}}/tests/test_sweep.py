@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import drawn_clashes, frontier_line, non_dominated
 
+from {{ cookiecutter.package_name }} import compare_runs
 from {{ cookiecutter.package_name }}.compare_runs import MANIFEST, frontier_share, sweep_summary
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -70,16 +72,18 @@ def test_a_sweep_folder_of_another_config_is_refused(tmp_path):
     assert result.returncode == 2 and "holds a sweep of another config" in result.stderr
 
 
-def write_sweep(folder: Path, seeds: int) -> Path:
-    """A sweep folder by hand: two betas x two estimators, final (KL, reward) per seed."""
+def write_sweep(folder: Path, seeds: int, kl_by_beta: dict[str, float] | None = None, mc_kl: float = 0.0) -> Path:
+    """A sweep folder by hand: betas (two by default) x two estimators, final (KL, reward) per seed.
+
+    rb's runs get 0.1 more reward than mc's; `mc_kl` shifts mc's KL (0: rb dominates mc)."""
     runs = {}
-    for beta, kl_base in (("0.05", 2.0), ("0.2", 1.0)):
-        for gradient, bonus in (("rb", 0.1), ("mc", 0.0)):
+    for beta, kl_base in (kl_by_beta or {"0.05": 2.0, "0.2": 1.0}).items():
+        for gradient, bonus, shift in (("rb", 0.1, 0.0), ("mc", 0.0, mc_kl)):
             for seed in range(seeds):
                 rid = f"beta={beta},kl_gradient={gradient},seed={seed}"
                 run_dir = folder / rid / "version_0"
                 run_dir.mkdir(parents=True)
-                kl, reward = kl_base + 0.05 * seed, kl_base / 2 + bonus + 0.02 * seed
+                kl, reward = kl_base + shift + 0.05 * seed, kl_base / 2 + bonus + 0.02 * seed
                 (run_dir / "metrics.csv").write_text(f"epoch,step,val/kl/rb/mean,val/reward/mean\n0,9,{kl},{reward}\n")
                 point = {"model.init_args.objective.beta": beta, "model.init_args.objective.kl_gradient": gradient}
                 runs[rid] = {"point": point, "seed": seed, "status": "finished", "run_dir": str(run_dir)}
@@ -111,6 +115,26 @@ def test_fewer_than_three_seeds_give_no_interval_and_say_so(tmp_path):
     summary = sweep_summary(write_sweep(tmp_path / "s", seeds=2), tmp_path / "out")
     entry = summary["frontier_share"]["over_runs"]
     assert entry["ci95"] is None and "fewer than 3 seeds" in entry["note"]
+
+
+@pytest.mark.parametrize("betas", [1, 3, 8])
+def test_the_sweep_plot_draws_the_frontier_of_the_grid_point_means(betas, tmp_path, monkeypatch):
+    drawn = []
+    draw = compare_runs.plots.sweep_pareto
+    monkeypatch.setattr(compare_runs.plots, "sweep_pareto", lambda *args: drawn.append(draw(*args)) or drawn[-1])
+    # mc's KL 0.3 lower: the frontier alternates between the estimators.
+    kl_by_beta = {f"{0.01 * 2**i:g}": 2.0 / (1 + i) for i in range(betas)}
+    folder = write_sweep(tmp_path / "s", seeds=3, kl_by_beta=kl_by_beta, mc_kl=-0.3)
+    summary = sweep_summary(folder, tmp_path / "out")
+    (fig,) = drawn
+    fig.savefig(tmp_path / f"sweep_pareto_{betas}.png")
+    means = [(row["kl_mean"], row["reward_mean"]) for row in summary["grid_points"]]
+    front = non_dominated(means)
+    assert front and [row["on_frontier"] for row in summary["grid_points"]] == [i in front for i in range(len(means))]
+    assert frontier_line(fig) == {means[i] for i in front}
+    assert drawn_clashes(fig) == []
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert labels and all(t.startswith("beta=") and "kl_gradient" not in t for t in labels), labels
 
 
 def _runs(folder: Path) -> list[dict]:

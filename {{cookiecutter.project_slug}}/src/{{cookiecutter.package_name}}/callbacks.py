@@ -95,14 +95,30 @@ class EpochPlot(ValidationHistory):
         save_figure(trainer, self.draw(), run_dir / self.dirname / f"{self.stem}_epoch{epoch:03d}.png", self.stem)
 
 
+def reward_name(reward: Any) -> str:
+    """What a module's reward is called on a plot: its `name` if it has one, else its class's
+    (a function's own name for a plain function); "no reward" for None."""
+    if reward is None:
+        return "no reward"
+    name = getattr(reward, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return getattr(reward, "__name__", None) or type(reward).__name__
+
+
 class RewardVsKLPlot(EpochPlot):
     """Reward against KL over the epochs so far (default: RB KL, with standard-error bars)."""
 
     stem = "reward_vs_kl"
     default_estimators = ("rb",)
+    reward_label = ""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Only read: the y axis names the reward the module was given.
+        self.reward_label = reward_name(getattr(pl_module, "reward", None))
 
     def draw(self) -> Figure:
-        return plots.reward_vs_kl(self.history, self.estimators)
+        return plots.reward_vs_kl(self.history, self.estimators, reward_name=self.reward_label)
 
 
 class EstimatorVariancePlot(EpochPlot):

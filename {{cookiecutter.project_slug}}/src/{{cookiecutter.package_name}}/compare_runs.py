@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -86,7 +87,43 @@ def load_run(path: Path, kl_key: str, reward_key: str, group_key: str) -> dict:
         "reward": reward,
         group_key: option(hparams, group_key, "unknown"),
         "beta": option(hparams, "beta"),
+        "reward_name": configured_reward(csv_path.parent),
     }
+
+
+def configured_reward(run_dir: Path) -> str | None:
+    """The reward a run trained with, from the newest config LightningCLI saved in its folder:
+    'VaderSentimentReward(include_prompt=True)', 'none' without a reward, None without a config.
+
+    The module keeps the reward out of hparams.yaml (it is an object), so the config is the record.
+    """
+    steps = {
+        int(p.stem.rsplit("-", 1)[-1]): p
+        for p in run_dir.glob("config.resumed-at-step-*.yaml")
+        if p.stem.rsplit("-", 1)[-1].isdigit()
+    }
+    resumed = [steps[step] for step in sorted(steps)]
+    path = resumed[-1] if resumed else run_dir / "config.yaml"
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+        reward = config["model"]["init_args"]["reward"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    if reward is None:
+        return "none"
+    if not isinstance(reward, Mapping):
+        return str(reward)
+    args = ", ".join(f"{k}={v!r}" for k, v in (reward.get("init_args") or {}).items())
+    return f"{str(reward.get('class_path', '?')).rsplit('.', 1)[-1]}({args})"
+
+
+def mixed_rewards_warning(runs: Sequence[Mapping]) -> str | None:
+    """One line when the runs were trained with different rewards (their reward axes differ)."""
+    counts = Counter(r["reward_name"] for r in runs if r.get("reward_name") is not None)
+    if len(counts) < 2:
+        return None
+    named = ", ".join(f"{name} ({n} run{'s' if n > 1 else ''})" for name, n in sorted(counts.items()))
+    return f"warning: the runs were trained with different rewards, so their rewards do not compare: {named}"
 
 
 def compare(
@@ -121,6 +158,7 @@ def compare(
     on_front = Counter(str(points[i][group_key]) for i in frontier)
     share = {group: on_front[group] / len(frontier) for group in sorted({str(p[group_key]) for p in points})}
     summary = {"kl_key": kl_key, "reward_key": reward_key, "runs": points, "frontier_share": share, "skipped": skipped}
+    summary["warnings"] = [w for w in [mixed_rewards_warning(points)] if w]
     output.mkdir(parents=True, exist_ok=True)
     (output / "pareto.json").write_text(json.dumps(summary, indent=2))
     plots.pareto(points, frontier, group_key).savefig(output / "pareto.png")
@@ -159,6 +197,9 @@ def sweep_summary(
     if not by_point:
         raise ValueError(f"{sweep_dir}: no run of the sweep has a validation result yet")
     grid_points = [grid_point_row(label, by_point[label]) for label in sorted(by_point)]
+    frontier = pareto_frontier([(row["kl_mean"], row["reward_mean"]) for row in grid_points])
+    for i, row in enumerate(grid_points):
+        row["on_frontier"] = i in frontier
     summary = {
         "sweep": str(sweep_dir),
         "kl_key": kl_key,
@@ -166,10 +207,14 @@ def sweep_summary(
         "grid_points": grid_points,
         "frontier_share": frontier_shares(by_point, resamples, seed),
         "skipped": skipped,
+        "warnings": [w for w in [mixed_rewards_warning([r for runs in by_point.values() for r in runs])] if w],
     }
     output.mkdir(parents=True, exist_ok=True)
     (output / "pareto.json").write_text(json.dumps(summary, indent=2))
-    plots.sweep_pareto(grid_points).savefig(output / "pareto.png")
+    # The colour already tells the estimator: a label names the rest of the grid point.
+    labels = [point_label({k: v for k, v in row["point"].items() if k != ESTIMATOR_KEY}) for row in grid_points]
+    labels = [text or row["estimator"] for text, row in zip(labels, grid_points, strict=True)]
+    plots.sweep_pareto(grid_points, frontier, labels).savefig(output / "pareto.png")
     return summary
 
 
@@ -257,6 +302,11 @@ def print_sweep(summary: dict) -> None:
         print(f"skipped {skip['run']}: {skip['reason']}")
 
 
+def print_warnings(summary: dict) -> None:
+    for warning in summary["warnings"]:
+        print(warning, file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (with metrics.csv) or metrics.csv files")
@@ -273,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             summary = sweep_summary(args.runs[0], args.output, args.kl_key, args.reward_key)
         except (FileNotFoundError, ValueError) as err:
             parser.exit(2, f"error: {err}\n")
+        print_warnings(summary)
         print_sweep(summary)
         print(f"wrote {args.output / 'pareto.png'} and {args.output / 'pareto.json'}")
         return
@@ -280,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         summary = compare(args.runs, args.output, args.kl_key, args.reward_key, args.group_key, strict=args.strict)
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
+    print_warnings(summary)
     for skip in summary["skipped"]:
         print(f"skipped {skip['run']}: {skip['reason']}")
     if summary["skipped"]:

@@ -1,17 +1,29 @@
 """Figures, as pure functions of numbers: no Lightning, no files.
 
-Figures are built with matplotlib's object API (`Figure`), not pyplot, so they work on machines
-without a display and never leak into pyplot's global state. Metric names come from
-`metrics.py`, the one place that spells them.
+Figures are built with matplotlib's object API (`Figure`) on an Agg canvas, not pyplot, so they
+work on machines without a display and never leak into pyplot's global state. Metric names come
+from `metrics.py`, the one place that spells them.
+
+Every legend sits below its axes, where it can hide no data, and point labels are placed
+(`place_labels`) where they overlap no other label, marker or line; a label with no free place
+is left out rather than drawn over the data.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from itertools import product
 
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cbook import STEP_LOOKUP_MAP
+from matplotlib.collections import LineCollection, PathCollection
 from matplotlib.figure import Figure
+from matplotlib.text import Annotation, Text
 from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import Bbox
 
 from .metrics import kl_key, reward_key, size_key
 
@@ -24,6 +36,27 @@ COLORS = {
     "cv": "tab:purple",
     "cv_opt": "tab:brown",
 }
+# Estimators with nearly equal values (k2 and k3, cv and cv_opt) draw coinciding lines: a marker
+# shape and a dash pattern of their own keep each one visible under the others.
+MARKERS = {"rb": "o", "mc": "s", "k3": "^", "k2": "v", "cv": "D", "cv_opt": "P"}
+LINESTYLES = {
+    "rb": "-",
+    "mc": "--",
+    "k3": "-.",
+    "k2": ":",
+    "cv": (0, (6, 2, 1, 2, 1, 2)),
+    "cv_opt": (0, (2, 3)),
+}
+# What each name means (docs/estimators.md §3), for legends; d is the per-token log-ratio.
+ESTIMATOR_NAMES = {
+    "mc": "mc: Monte Carlo, sum of d",
+    "k2": "k2: sum of d²/2 (biased)",
+    "k3": "k3: sum of exp(-d) - 1 + d",
+    "cv": "cv: mc + control variate, alpha = 1",
+    "cv_opt": "cv_opt: cv with alpha fitted on other prompts",
+    "rb": "rb: Rao-Blackwellized, sum of exact per-token KL",
+}
+LOG_RATIO = "d = log policy(y_t) / reference(y_t)"
 
 
 def _finite(x: float | None) -> bool:
@@ -35,10 +68,14 @@ def _value(h: Mapping[str, float], key: str) -> float:
     return x if _finite(x) else 0.0
 
 
-def _labelled(count: int, most: int = 8) -> set[int]:
-    """Indices of the points to label: the first, the last and every k-th, at most about `most`."""
+def _labelled(count: int, most: int = 8) -> list[int]:
+    """Indices of the points to label, most important first: the first, the last, every k-th."""
     step = max(1, math.ceil(count / most))
-    return {0, count - 1, *range(0, count, step)}
+    return list(dict.fromkeys([0, count - 1, *range(step, count - 1, step)]))
+
+
+def _style(name: str) -> dict:
+    return {"color": COLORS.get(name), "marker": MARKERS.get(name, "o"), "linestyle": LINESTYLES.get(name, "-")}
 
 
 def sizes_text(metrics: Mapping[str, float], stage: str = "val") -> str:
@@ -51,22 +88,172 @@ def _last_sizes(history: Sequence[Mapping[str, float]]) -> str:
     return sizes_text(history[-1] if history else {})
 
 
-def _finish(fig: Figure, ax, xlabel: str, ylabel: str, title: str) -> Figure:
+def _figure() -> tuple[Figure, Axes]:
+    # The Agg canvas from the start: label placement measures text with its renderer.
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _finish(fig: Figure, ax: Axes, xlabel: str, ylabel: str, title: str, columns: int = 2, note: str = "") -> Figure:
+    """Axis labels, title and the legend below the axes; lays the figure out for `place_labels`."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    if ax.has_data():
-        ax.legend(loc="best", fontsize=8)  # "best" is the corner that hides the fewest points
-    fig.tight_layout()
+    if ax.get_legend_handles_labels()[0]:
+        fig.legend(loc="outside lower center", ncols=columns, fontsize=7, title=note or None, title_fontsize=7)
+    fig.draw_without_rendering()  # the layout is final from here: labels are placed in pixels
     return fig
 
 
-def reward_vs_kl(history: Sequence[Mapping[str, float]], estimators: Sequence[str] = ("rb",)) -> Figure:
-    """Reward against KL, one point per validation epoch, with standard-error bars over prompts."""
-    fig = Figure(figsize=FIGSIZE, dpi=DPI)
-    ax = fig.add_subplot()
+class Obstacles:
+    """Where the axes already show something, in pixels: points along every line and error bar,
+    and boxes around every marker. Labels must stay off all of it."""
+
+    def __init__(self, ax: Axes, spacing: float = 2.0):
+        points, boxes = [np.empty((0, 2))], [np.empty((0, 4))]
+        for line in ax.lines:
+            steps = STEP_LOOKUP_MAP[line.get_drawstyle()]  # a step line's corners, as drawn
+            xy = line.get_transform().transform(np.column_stack(steps(*line.get_xydata().T)))
+            if line.get_linestyle() not in ("None", "", " "):
+                points.append(_along(xy, spacing))
+            if line.get_marker() not in (None, "None", "", " "):
+                boxes.append(_squares(xy, line.get_markersize() * ax.figure.dpi / 72))
+        for collection in ax.collections:
+            if isinstance(collection, LineCollection):
+                for segment in collection.get_segments():
+                    points.append(_along(collection.get_transform().transform(segment), spacing))
+            elif isinstance(collection, PathCollection):  # scatter: sizes are areas in points^2
+                xy = collection.get_offset_transform().transform(collection.get_offsets())
+                sizes = np.broadcast_to(np.sqrt(collection.get_sizes()) * ax.figure.dpi / 72, len(xy))
+                boxes += [_squares(xy[i : i + 1], sizes[i]) for i in range(len(xy))]
+        self.points, self.boxes = np.concatenate(points), np.concatenate(boxes)
+
+    def hit(self, box: Bbox, margin: float = 1.0) -> bool:
+        """Whether the box (grown by `margin` pixels) touches a line or overlaps a box."""
+        x0, y0, x1, y1 = box.x0 - margin, box.y0 - margin, box.x1 + margin, box.y1 + margin
+        b = self.boxes
+        crossed = (b[:, 0] <= x1) & (b[:, 2] >= x0) & (b[:, 1] <= y1) & (b[:, 3] >= y0)
+        return bool(_inside(self.points, np.array([[x0, y0, x1, y1]])).any() or crossed.any())
+
+    def covers(self, points: np.ndarray) -> bool:
+        """Whether any of the pixel points [K, 2] lies in a marker or label box."""
+        return bool(_inside(points, self.boxes).any())
+
+    def add(self, box: Bbox, leader: np.ndarray) -> None:
+        self.boxes = np.concatenate([self.boxes, [[box.x0, box.y0, box.x1, box.y1]]])
+        self.points = np.concatenate([self.points, leader])
+
+
+def _leader(anchor: np.ndarray, box: Bbox, spacing: float = 2.0, clear: float = 8.0) -> np.ndarray:
+    """Pixel points along a leader line from the label's centre to its anchor: the part outside
+    the text and more than `clear` pixels from the anchor (its own marker)."""
+    centre = np.array([(box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2])
+    points = _along(np.array([anchor, centre]), spacing)
+    in_text = _inside(points, np.array([[box.x0, box.y0, box.x1, box.y1]]))[:, 0]
+    return points[~in_text & (np.hypot(*(points - anchor).T) > clear)]
+
+
+def _inside(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """[K, B] bool: point k [K, 2] lies in box b [B, 4] (x0, y0, x1, y1)."""
+    x, y = points[:, None, 0], points[:, None, 1]
+    return (x >= boxes[:, 0]) & (x <= boxes[:, 2]) & (y >= boxes[:, 1]) & (y <= boxes[:, 3])
+
+
+def _crosses(a: np.ndarray, b: np.ndarray, segments: Sequence[np.ndarray]) -> bool:
+    """Whether the segment a-b crosses any of the given segments ([2, 2] arrays)."""
+
+    def side(p, q, r):
+        return np.sign((q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0]))
+
+    return any(side(a, b, c) * side(a, b, d) < 0 and side(c, d, a) * side(c, d, b) < 0 for c, d in segments)
+
+
+def _along(xy: np.ndarray, spacing: float) -> np.ndarray:
+    """Points every `spacing` pixels along the polyline through xy [K, 2]."""
+    xy = xy[np.isfinite(xy).all(axis=1)]
+    if len(xy) < 2:
+        return xy
+    pieces = [xy[-1:]]
+    for start, end in zip(xy[:-1], xy[1:], strict=True):
+        steps = max(1, int(np.hypot(*(end - start)) / spacing))
+        pieces.append(start + (end - start) * np.linspace(0, 1, steps, endpoint=False)[:, None])
+    return np.concatenate(pieces)
+
+
+def _squares(xy: np.ndarray, size: float) -> np.ndarray:
+    """[K, 4] boxes (x0, y0, x1, y1) of side `size` pixels centred at xy [K, 2]."""
+    xy = xy[np.isfinite(xy).all(axis=1)]
+    return np.concatenate([xy - size / 2, xy + size / 2], axis=1)
+
+
+# Offsets (points) tried for a label, nearest first: beside the point, then farther out with a
+# leader line back to it. The text's alignment makes it grow away from the point.
+_DIRECTIONS = [(1, 1), (1, -1), (-1, 1), (-1, -1), (0, 1), (0, -1), (1, 0), (-1, 0)]
+_RADII = [(4, False), (9, False), (20, True), (32, True), (46, True)]
+
+
+def place_labels(
+    ax: Axes, anchors: Sequence[tuple[float, float]], texts: Sequence[str], fontsize: float = 8
+) -> list[Annotation]:
+    """Each text near its anchor (data coordinates), in the given order of importance.
+
+    A text goes to the first offset where it stays inside the axes and covers nothing drawn
+    (`Obstacles`) and no label placed before it, and where its leader line (farther out) passes
+    no marker, label or other leader; a text with no such offset is left out. Call after
+    `_finish`, when the layout is final: placement is in pixels.
+    """
+    renderer = ax.figure.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    obstacles = Obstacles(ax)
+    placed: list[Annotation] = []
+    leaders: list[np.ndarray] = []
+    for (x, y), text in zip(anchors, texts, strict=True):
+        anchor = ax.transData.transform((x, y))
+        for (radius, leader), (dx, dy) in product(_RADII, _DIRECTIONS):
+            scale = radius / math.hypot(dx, dy)
+            label = ax.annotate(
+                text,
+                (x, y),
+                xytext=(dx * scale, dy * scale),
+                textcoords="offset points",
+                ha={1: "left", 0: "center", -1: "right"}[dx],
+                va={1: "bottom", 0: "center", -1: "top"}[dy],
+                fontsize=fontsize,
+                zorder=5,
+                arrowprops={"arrowstyle": "-", "color": "0.4", "lw": 0.6, "shrinkA": 1, "shrinkB": 5}
+                if leader
+                else None,
+            )
+            label.set_in_layout(False)
+            label.update_positions(renderer)
+            box = Text.get_window_extent(label, renderer)  # the text alone, not its leader line
+            line = _leader(anchor, box) if leader else np.empty((0, 2))
+            fits = inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1) and not obstacles.hit(box)
+            if fits and leader:
+                fits = not obstacles.covers(line) and not (len(line) and _crosses(line[0], line[-1], leaders))
+            if fits:
+                placed.append(label)
+                obstacles.add(box, line)
+                if len(line):
+                    leaders.append(line[[0, -1]])
+                break
+            label.remove()
+    return placed
+
+
+def reward_vs_kl(
+    history: Sequence[Mapping[str, float]], estimators: Sequence[str] = ("rb",), reward_name: str = ""
+) -> Figure:
+    """Reward against KL, one point per validation epoch, with standard-error bars over prompts.
+
+    `reward_name` (the reward's class or configured name) goes on the y axis. Epoch labels go on
+    the first estimator's points: the first, the last and every k-th epoch where there is room.
+    """
+    fig, ax = _figure()
     reward = reward_key("val", "mean")
+    series = []
     for name in estimators:
         kl = kl_key("val", name, "mean")
         pts = [h for h in history if _finite(h.get(kl)) and _finite(h.get(reward))]
@@ -78,28 +265,39 @@ def reward_vs_kl(history: Sequence[Mapping[str, float]], estimators: Sequence[st
             ys,
             xerr=[_value(h, kl_key("val", name, "sem_prompts")) for h in pts],
             yerr=[_value(h, reward_key("val", "sem_prompts")) for h in pts],
-            marker="o",
             capsize=3,
-            color=COLORS.get(name),
             label=f"KL estimated by {name}",
+            # Hollow after the first: where two estimates coincide (epoch 0) both markers show.
+            mfc=None if not series else "none",
+            **_style(name),
         )
-        for i in sorted(_labelled(len(pts))):
-            label = f"epoch {int(pts[i]['epoch'])}" if i == 0 else str(int(pts[i]["epoch"]))
-            ax.annotate(label, (xs[i], ys[i]), textcoords="offset points", xytext=(5, -10), fontsize=8)
-    return _finish(
+        series.append((xs, ys, [int(h["epoch"]) for h in pts]))
+    _finish(
         fig,
         ax,
         "KL(policy || reference)  [nats]",
-        "reward",
+        f"reward: {reward_name}" if reward_name else "reward",
         f"Reward vs KL after each epoch\n({_last_sizes(history)}; labels: epoch; bars: 1 s.e. over prompts)",
+        columns=max(1, len(series)),
     )
+    if series:
+        xs, ys, epochs = series[0]
+        order = _labelled(len(xs), most=10)
+        texts = [f"epoch {epochs[i]}" if i == 0 else str(epochs[i]) for i in order]
+        place_labels(ax, [(xs[i], ys[i]) for i in order], texts)
+    return fig
 
 
 def estimator_spread(history: Sequence[Mapping[str, float]], estimators: Sequence[str]) -> Figure:
-    """Each estimator's standard deviation over samples of one prompt, per epoch, with error bars."""
-    fig = Figure(figsize=FIGSIZE, dpi=DPI)
-    ax = fig.add_subplot()
-    for name in estimators:
+    """Each estimator's standard deviation over samples of one prompt, per epoch, with error bars
+    (each estimator's points a few pixels beside the others', so that equal values stay visible)."""
+    fig, ax = _figure()
+    epochs, top, smallest = [], 0.0, math.inf
+    # Estimators with equal spreads (mc, cv_opt at epoch 0) would hide each other's markers:
+    # each is shifted sideways by about 5 pixels from the next, whatever the number of epochs.
+    known = [h["epoch"] for h in history]
+    dodge = (max(known) - min(known) + 1) * 5 / 540 if known else 0.0
+    for index, name in enumerate(estimators):
         var, var_sem = kl_key("val", name, "within_prompt_var"), kl_key("val", name, "within_prompt_var_sem")
         pts = [h for h in history if _finite(h.get(var)) and h[var] >= 0]
         if not pts:
@@ -107,10 +305,25 @@ def estimator_spread(history: Sequence[Mapping[str, float]], estimators: Sequenc
         sd = [math.sqrt(h[var]) for h in pts]
         # Delta method: se(sqrt W) = se(W) / (2 sqrt W).
         err = [_value(h, var_sem) / (2 * s) if s > 0 else 0.0 for h, s in zip(pts, sd, strict=True)]
-        ax.errorbar([h["epoch"] for h in pts], sd, yerr=err, marker="o", capsize=3, color=COLORS.get(name), label=name)
-    if ax.has_data():
-        ax.set_yscale("symlog", linthresh=1e-3)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epochs += [h["epoch"] for h in pts]
+        top = max(top, *(s + e for s, e in zip(sd, err, strict=True)))
+        smallest = min(smallest, *(s for s in sd if s > 0), math.inf)
+        label = ESTIMATOR_NAMES.get(name, name)
+        shift = (index - (len(estimators) - 1) / 2) * dodge
+        xs = [h["epoch"] + shift for h in pts]
+        # Unclipped: a spread of 0 sits on the bottom edge, and its marker shows whole.
+        ax.errorbar(xs, sd, yerr=err, capsize=3, label=label, markersize=5, clip_on=False, **_style(name))
+    if epochs:
+        # Whole epochs only, and half an epoch either side: a single epoch gets a range too.
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        # Linear from 0 to the decade below the smallest positive spread, logarithmic above it.
+        ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(smallest)) if smallest < math.inf else 1e-3)
+        # A spread is >= 0; with every spread 0 (the policy still equals the reference) the
+        # axis keeps a readable range instead of a degenerate one around 0.
+        ax.set_ylim(0, 2 * top if top > 0 else 1e-2)
+        if top == 0:
+            ax.text(0.5, 0.6, "every estimator's spread is 0", transform=ax.transAxes, ha="center", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     return _finish(
         fig,
         ax,
@@ -118,6 +331,7 @@ def estimator_spread(history: Sequence[Mapping[str, float]], estimators: Sequenc
         "sqrt(within-prompt variance)  [nats]",
         "Spread of each KL estimator over the samples of a prompt\n"
         f"({_last_sizes(history)}; bars: 1 s.e. over prompts)",
+        note=LOG_RATIO,
     )
 
 
@@ -125,33 +339,40 @@ def precision_vs_samples(report: Mapping, max_factor: int = 64) -> Figure:
     """Standard error of the prompt set's KL against samples per prompt, one line per estimator.
 
     sem_within(M) = sqrt(W / (n M)): read off how many samples MC needs to match RB's precision.
+    Every line has its own dash pattern and marker shape, and the markers of different lines sit
+    at different M, so lines that coincide stay visible.
     """
-    fig = Figure(figsize=FIGSIZE, dpi=DPI)
-    ax = fig.add_subplot()
+    fig, ax = _figure()
     n, m = report["prompts"], report["samples_per_prompt"]
     ratio = report.get("within_prompt_var_ratio_mc_over_rb")
     # Far enough right that the MC line reaches RB's precision.
     reach = max(m * max_factor, 2 * m * ratio if _finite(ratio) else 0)
-    grid = [2**i for i in range(math.ceil(math.log2(reach)) + 1)]
-    for name, row in report["estimators"].items():
-        w = row["within_prompt_var"]
+    names = list(report["estimators"])
+    per_octave = max(1, len(names))
+    grid = [2 ** (i / per_octave) for i in range(math.ceil(math.log2(reach)) * per_octave + 1)]
+    for index, name in enumerate(names):
+        w = report["estimators"][name]["within_prompt_var"]
         if not _finite(w) or w <= 0:
             continue
-        ax.plot(grid, [math.sqrt(w / (n * k)) for k in grid], color=COLORS.get(name), label=name)
-        ax.plot([m], [math.sqrt(w / (n * m))], "o", color=COLORS.get(name))
+        style = _style(name)
+        # Line i's markers at M = 2^(j + i / per_octave): never at the same M as another line's.
+        ax.plot(
+            grid,
+            [math.sqrt(w / (n * k)) for k in grid],
+            markevery=(index, per_octave),
+            markersize=5,
+            label=ESTIMATOR_NAMES.get(name, name),
+            **style,
+        )
+        # Hollow, so that measured points at the same height show each other's shapes.
+        ax.plot([m], [math.sqrt(w / (n * m))], marker=style["marker"], color=style["color"], ms=10, mew=1.5, mfc="none")
     rb = report["estimators"].get("rb", {}).get("within_prompt_var")
     if _finite(rb) and rb > 0:
         target = math.sqrt(rb / (n * m))
-        ax.axhline(target, color="gray", ls="--", lw=1, label=f"RB at M = {m}")
+        ax.axhline(target, color="gray", ls="--", lw=1, label=f"RB's precision at M = {m}")
         if _finite(ratio):
-            ax.plot([ratio * m], [target], "x", color=COLORS["mc"], ms=9)
-            ax.annotate(
-                f"MC needs M = {ratio * m:.0f} for this precision",
-                (m, target),
-                textcoords="offset points",
-                xytext=(6, 6),
-                fontsize=8,
-            )
+            label = f"MC reaches it at M = {ratio * m:.0f}"
+            ax.plot([ratio * m], [target], "x", color=COLORS["mc"], ms=10, mew=2, ls="none", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     return _finish(
@@ -159,52 +380,56 @@ def precision_vs_samples(report: Mapping, max_factor: int = 64) -> Figure:
         ax,
         "samples per prompt M",
         "standard error of the KL of this prompt set  [nats]",
-        f"Precision of each KL estimator ({n} prompts; dots: measured M = {m})",
+        f"Precision of each KL estimator ({n} prompts; large markers: measured, M = {m})",
+        note=LOG_RATIO,
     )
+
+
+def _frontier_step(ax: Axes, xs: Sequence[float], ys: Sequence[float], frontier: set[int]) -> None:
+    """The frontier as a step line: the best reward reachable within each KL (lower KL, higher reward)."""
+    front = sorted(frontier, key=lambda i: (xs[i], ys[i]))
+    if front:
+        fx, fy = [xs[i] for i in front], [ys[i] for i in front]
+        ax.step(fx, fy, where="post", color="black", lw=1, label="Pareto frontier", zorder=2)
+        ax.scatter(fx, fy, facecolor="none", edgecolor="black", s=110, lw=1.2, zorder=4)
 
 
 def pareto(points: Sequence[Mapping], frontier: set[int], group_key: str = "kl_gradient") -> Figure:
     """Final reward vs KL of several runs, the Pareto frontier (low KL, high reward) drawn as a step line."""
-    fig = Figure(figsize=FIGSIZE, dpi=DPI)
-    ax = fig.add_subplot()
+    fig, ax = _figure()
+    xs, ys = [p["kl"] for p in points], [p["reward"] for p in points]
     for group in sorted({str(p[group_key]) for p in points}):
-        mine = [(i, p) for i, p in enumerate(points) if str(p[group_key]) == group]
-        color = COLORS.get(group)
+        mine = [p for p in points if str(p[group_key]) == group]
         ax.scatter(
-            [p["kl"] for _, p in mine],
-            [p["reward"] for _, p in mine],
-            color=color,
-            alpha=0.5,
+            [p["kl"] for p in mine],
+            [p["reward"] for p in mine],
+            color=COLORS.get(group),
+            alpha=0.6,
             label=f"{group_key}={group}",
         )
-        on = [p for i, p in mine if i in frontier]
-        ax.scatter([p["kl"] for p in on], [p["reward"] for p in on], color=color, edgecolor="black", s=80, zorder=3)
-    for p in points:
-        label = f"{p[group_key]}, beta={p['beta']}" if p.get("beta") is not None else str(p[group_key])
-        ax.annotate(label, (p["kl"], p["reward"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    front = sorted((points[i] for i in frontier), key=lambda p: p["kl"])
-    if front:
-        ax.step(
-            [p["kl"] for p in front],
-            [p["reward"] for p in front],
-            where="post",
-            color="black",
-            lw=1,
-            label="Pareto frontier",
-        )
-    return _finish(
+    _frontier_step(ax, xs, ys, frontier)
+    _finish(
         fig,
         ax,
         "final KL(policy || reference)",
         "final reward",
         "Runs on the reward-KL plane (ringed: on the frontier)",
+        columns=3,
     )
+    texts = [f"beta={p['beta']}" if p.get("beta") is not None else str(p[group_key]) for p in points]
+    order = sorted(range(len(points)), key=lambda i: (i not in frontier, xs[i]))  # the frontier's first
+    place_labels(ax, [(xs[i], ys[i]) for i in order], [texts[i] for i in order])
+    return fig
 
 
-def sweep_pareto(grid_points: Sequence[Mapping]) -> Figure:
-    """Grid-point means of a sweep with 95% intervals over seeds in both directions, labelled."""
-    fig = Figure(figsize=FIGSIZE, dpi=DPI)
-    ax = fig.add_subplot()
+def sweep_pareto(grid_points: Sequence[Mapping], frontier: set[int], labels: Sequence[str] | None = None) -> Figure:
+    """Grid-point means of a sweep with 95% intervals over seeds, and the means' Pareto frontier.
+
+    `frontier`: indices of the grid points no other grid point dominates; `labels`: the text
+    beside each point (default: its grid-point label).
+    """
+    fig, ax = _figure()
+    xs, ys = [p["kl_mean"] for p in grid_points], [p["reward_mean"] for p in grid_points]
     for group in sorted({str(p["estimator"]) for p in grid_points}):
         mine = [p for p in grid_points if str(p["estimator"]) == group]
         ax.errorbar(
@@ -212,18 +437,29 @@ def sweep_pareto(grid_points: Sequence[Mapping]) -> Figure:
             [p["reward_mean"] for p in mine],
             xerr=[_half_width(p["kl_ci95"]) for p in mine] if all(p["kl_ci95"] for p in mine) else None,
             yerr=[_half_width(p["reward_ci95"]) for p in mine] if all(p["reward_ci95"] for p in mine) else None,
-            fmt="o",
+            fmt=MARKERS.get(group, "o"),
             capsize=3,
             color=COLORS.get(group),
             label=f"kl_gradient={group}",
         )
-    # Nearby grid points are common (that is what a sweep asks about): stagger their labels.
-    for i, p in enumerate(sorted(grid_points, key=lambda p: (p["kl_mean"], p["reward_mean"]))):
-        offset = (5, 4 - 10 * (i % 3))
-        ax.annotate(p["label"], (p["kl_mean"], p["reward_mean"]), textcoords="offset points", xytext=offset, fontsize=7)
-    return _finish(
-        fig, ax, "final KL(policy || reference)", "final reward", "Sweep: grid-point means, 95% CI over seeds"
+    _frontier_step(ax, xs, ys, frontier)
+    _finish(
+        fig,
+        ax,
+        "final KL(policy || reference)",
+        "final reward",
+        "Sweep: grid-point means, 95% CI over seeds (ringed: on the frontier)",
+        columns=3,
     )
+    texts = list(labels) if labels is not None else [p["label"] for p in grid_points]
+    order = sorted(range(len(grid_points)), key=lambda i: (i not in frontier, xs[i]))
+    place_labels(
+        ax,
+        [(xs[i], ys[i]) for i in order],
+        [texts[i] for i in order],
+        fontsize=7,
+    )
+    return fig
 
 
 def _half_width(ci: Sequence[float]) -> float:
