@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .checkpoint_state import check_grouped, check_holds, keep_only, record_rng, restore_rng
 from .estimators import LOGGED_ESTIMATORS, all_kl_values
+from .grad_variance import GradVarianceProbe
 from .lightning_internals import attached_trainer, plain_hyperparameters
 from .metrics import STAGES, EstimatorStudy
 from .model_pair import ModelPair
@@ -106,7 +107,13 @@ class RBKLModule(L.LightningModule):
         if self.updates.fused_lm_head:
             self.pair.check_linear_heads()  # refused now, not at the first step
         # Keyed "<stage>_study": a ModuleDict key may not shadow a Module attribute such as train.
-        self.studies = nn.ModuleDict({f"{stage}_study": EstimatorStudy(stage, LOGGED_ESTIMATORS) for stage in STAGES})
+        track = self.updates.track_grad_variance
+        self.studies = nn.ModuleDict(
+            {f"{stage}_study": EstimatorStudy(stage, LOGGED_ESTIMATORS, track and stage == "val") for stage in STAGES}
+        )
+        self.grad_variance = (
+            GradVarianceProbe(self.pair, self.objective.beta, self.updates.grad_variance_contrasts) if track else None
+        )
         # Checkpoints hold the policy only: the reference and reward are rebuilt from the config.
         self.strict_loading = False
         self._rng_states_to_restore: dict[str, Any] | None = None  # set by on_load_checkpoint
@@ -257,6 +264,8 @@ class RBKLModule(L.LightningModule):
         rollout = self.rollout(batch, samples_per_prompt)
         values = self.model_step(rollout, with_loss=False).values  # Lightning evaluates without grad
         self.study(stage).update(values, rollout.rewards, rollout.group_size)
+        if stage == "val" and self.grad_variance is not None:
+            self.study(stage).grad_variance.update(self.grad_variance(rollout, self.global_step))
         # Callbacks (the sample table) see the texts and this rank's per-sample values.
         return {
             "prompts": rollout.prompts,
