@@ -287,3 +287,36 @@ def test_without_the_option_nothing_is_measured(tiny_trainer):
     trainer.fit(module, PromptDataModule(batch_size=2, epoch_repeats=1))
     assert "val/kl/rb/mean" in trainer.callback_metrics
     assert not [key for key in trainer.callback_metrics if "/grad_var/" in key]
+
+
+def test_compare_runs_and_the_sweep_summary_report_the_ratios_per_run_and_grid_point(tmp_path):
+    from matplotlib.image import imread
+
+    from {{ cookiecutter.package_name }}.compare_runs import compare, grid_point_grad_variance
+    from {{ cookiecutter.package_name }}.plots import gradient_variance
+
+    ratio, share = grad_var_key("val", "kl_mc_over_kl_rb"), grad_var_key("val", "kl_share_rb")
+    runs = []
+    for name, ratios in (("a", (4.0, 8.0)), ("b", (2.0, 4.0)), ("c", (3.0, 3.0))):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "metrics.csv").write_text(
+            f"epoch,step,val/kl/rb/mean,val/reward/mean,{ratio},{share}\n"
+            f"0,9,0.1,0.2,{ratios[0]},0.5\n1,19,0.2,0.3,{ratios[1]},nan\n"
+        )
+        runs.append(folder)
+    points = compare(runs, tmp_path / "out")["runs"]
+    # Each run: the mean over its validations (a NaN validation left out).
+    assert [p["grad_var/kl_mc_over_kl_rb"] for p in points] == [6.0, 3.0, 3.0]
+    assert points[0]["grad_var/kl_share_rb"] == 0.5
+    row = grid_point_grad_variance(points)["grad_var/kl_mc_over_kl_rb"]
+    assert row["mean"] == pytest.approx(4.0) and row["seeds"] == 3
+    assert row["ci95"][0] < 4.0 < row["ci95"][1]
+
+    history = [
+        {"epoch": float(e), **{grad_var_key("val", n): 1.0 + e for n in (*GRAD_VAR_PARTS, *RATIOS)}} for e in range(3)
+    ]
+    figure = gradient_variance(history)
+    assert all(ax.has_data() for ax in figure.axes) and len(figure.axes) == 2
+    figure.savefig(tmp_path / "grad_variance.png")
+    assert imread(tmp_path / "grad_variance.png").shape == (480, 1280, 4)

@@ -89,7 +89,9 @@ def prompt_grad_variance(parts: Mapping[str, Tensor], params: Sequence[Tensor], 
 
 def _flat_gradient(surrogate: Tensor, params: Sequence[Tensor]) -> Tensor:
     grads = torch.autograd.grad(surrogate, params, retain_graph=True, allow_unused=True)
-    return torch.cat([torch.zeros_like(p).flatten() if g is None else g.flatten() for p, g in zip(params, grads)])
+    return torch.cat(
+        [torch.zeros_like(p).flatten() if g is None else g.flatten() for p, g in zip(params, grads, strict=True)]
+    )
 
 
 def contrast_generator(step: int, prompt: str) -> torch.Generator:

@@ -171,7 +171,11 @@ class RBKLModule(L.LightningModule):
         # optimization) does not apply here: a plain trainer.fit gets the same sentence as the CLI.
         # A subclass that returns its own callbacks calls super().configure_callbacks() first.
         self.check_trainer(self.trainer)
-        return []
+        if self.grad_variance is None:
+            return []
+        from .callbacks import GradVariancePlot  # the plot of an opt-in metric comes with the option
+
+        return [GradVariancePlot()]
 
     def check_trainer(self, trainer: L.Trainer) -> None:
         """Lightning's own accumulation and clipping do not apply to a module that steps itself."""
