@@ -184,6 +184,11 @@ class RBKLModule(L.LightningModule):
                 "updates.fused_lm_head needs the LM head's whole weight, which FSDP shards: set "
                 "model.init_args.updates.fused_lm_head: false (or leave it unset)"
             )
+        if self.updates.track_grad_variance and isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "updates.track_grad_variance differentiates the policy's own parameters outside FSDP's forward, "
+                "which shards them: set model.init_args.updates.track_grad_variance: false under FSDP"
+            )
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 "trainer.accumulate_grad_batches is not used by this module, which steps its optimizer itself: "
