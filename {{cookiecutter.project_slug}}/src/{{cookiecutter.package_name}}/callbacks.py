@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from . import plots
 from .estimators import LOGGED_ESTIMATORS
 from .kl_report import build_report, report_markdown
-from .metrics import KL_STATS, kl_key, ratio_key
+from .metrics import KL_STATS, grad_var_key, kl_key, ratio_key
 
 
 def run_directory(trainer: L.Trainer) -> Path:
@@ -128,6 +128,27 @@ class EstimatorVariancePlot(EpochPlot):
 
     def draw(self) -> Figure:
         return plots.estimator_spread(self.history, self.estimators)
+
+
+class GradVariancePlot(ValidationHistory):
+    """The gradient variances of updates.track_grad_variance per epoch, once they are logged."""
+
+    stem = "grad_variance"
+
+    def __init__(self, dirname: str = "plots"):
+        """
+        Args:
+            dirname: folder under the run directory for the PNGs.
+        """
+        super().__init__()
+        self.dirname = dirname
+
+    def on_history(self, trainer: L.Trainer, run_dir: Path) -> None:
+        if grad_var_key("val", "total_rb") not in self.history[-1]:
+            return  # the option is off: nothing to draw
+        epoch = int(self.history[-1]["epoch"])
+        path = run_dir / self.dirname / f"{self.stem}_epoch{epoch:03d}.png"
+        save_figure(trainer, plots.gradient_variance(self.history), path, self.stem)
 
 
 def table_rows(metrics: Mapping[str, float], stage: str) -> list[dict[str, float | str]]:

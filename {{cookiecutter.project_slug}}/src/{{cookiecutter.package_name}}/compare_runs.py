@@ -26,7 +26,8 @@ import yaml
 
 from . import plots
 from .kl_report import interval
-from .metrics import kl_key, reward_key
+from .metrics import RATIOS, grad_var_key, kl_key, reward_key
+from .runs import newest_config
 
 KL_KEY, REWARD_KEY = kl_key("val", "rb", "mean"), reward_key("val", "mean")
 MANIFEST = "manifest.json"  # written by sweep.py in a sweep folder
@@ -88,6 +89,7 @@ def load_run(path: Path, kl_key: str, reward_key: str, group_key: str) -> dict:
         group_key: option(hparams, group_key, "unknown"),
         "beta": option(hparams, "beta"),
         "reward_name": configured_reward(csv_path.parent),
+        **run_grad_variance(rows),
     }
 
 
@@ -97,13 +99,7 @@ def configured_reward(run_dir: Path) -> str | None:
 
     The module keeps the reward out of hparams.yaml (it is an object), so the config is the record.
     """
-    steps = {
-        int(p.stem.rsplit("-", 1)[-1]): p
-        for p in run_dir.glob("config.resumed-at-step-*.yaml")
-        if p.stem.rsplit("-", 1)[-1].isdigit()
-    }
-    resumed = [steps[step] for step in sorted(steps)]
-    path = resumed[-1] if resumed else run_dir / "config.yaml"
+    path = newest_config(run_dir)
     try:
         config = yaml.safe_load(path.read_text()) or {}
         reward = config["model"]["init_args"]["reward"]
@@ -124,6 +120,18 @@ def mixed_rewards_warning(runs: Sequence[Mapping]) -> str | None:
         return None
     named = ", ".join(f"{name} ({n} run{'s' if n > 1 else ''})" for name, n in sorted(counts.items()))
     return f"warning: the runs were trained with different rewards, so their rewards do not compare: {named}"
+
+
+def run_grad_variance(rows: Sequence[Mapping[str, str]]) -> dict[str, float]:
+    """A run's gradient-variance ratios (updates.track_grad_variance), each averaged over its
+    validations: {'grad_var/kl_mc_over_kl_rb': ..., ...}; empty when they were not logged."""
+    averages = {}
+    for name in RATIOS:
+        values = [float(r[grad_var_key("val", name)]) for r in rows if r.get(grad_var_key("val", name))]
+        values = [v for v in values if math.isfinite(v)]
+        if values:
+            averages[f"grad_var/{name}"] = float(np.mean(values))
+    return averages
 
 
 def compare(
@@ -244,6 +252,19 @@ def grid_point_row(label: str, runs: list[dict]) -> dict:
         sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
         row[f"{what}_mean"] = mean
         row[f"{what}_ci95"] = interval(mean, sem, df=len(values) - 1) if len(values) > 1 else None
+    row.update(grid_point_grad_variance(runs))
+    return row
+
+
+def grid_point_grad_variance(runs: list[dict]) -> dict:
+    """Mean and t interval over seeds of each gradient-variance ratio the runs logged."""
+    row = {}
+    for name in (f"grad_var/{name}" for name in RATIOS):
+        values = np.array([r[name] for r in runs if name in r])
+        if len(values):
+            sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+            ci = interval(float(values.mean()), sem, df=len(values) - 1) if len(values) > 1 else None
+            row[name] = {"mean": float(values.mean()), "ci95": ci, "seeds": len(values)}
     return row
 
 
@@ -298,6 +319,7 @@ def print_sweep(summary: dict) -> None:
             print(f"  {group:<10} {share:6.1%}" + (f"  95% CI [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else ""))
         if entry.get("note"):
             print(f"  ({entry['note']})")
+    print_grad_variance(summary["grid_points"])
     for skip in summary["skipped"]:
         print(f"skipped {skip['run']}: {skip['reason']}")
 
@@ -305,6 +327,23 @@ def print_sweep(summary: dict) -> None:
 def print_warnings(summary: dict) -> None:
     for warning in summary["warnings"]:
         print(warning, file=sys.stderr)
+
+
+def print_grad_variance(grid_points: Sequence[Mapping]) -> None:
+    """The gradient-variance ratios per grid point, when the runs logged them."""
+    names = [f"grad_var/{name}" for name in RATIOS]
+    if not any(name in row for row in grid_points for name in names):
+        return
+    print("gradient variance at validation (mean over validations, then over seeds; 95% CI over seeds):")
+    print(f"  {'grid point':<40}" + "".join(f"{name.split('/')[1]:>26}" for name in names))
+    for row in grid_points:
+        cells = []
+        for name in names:
+            entry = row.get(name)
+            ci = entry and entry["ci95"]
+            cell = "-" if entry is None else f"{entry['mean']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+            cells.append(f"{cell:>26}")
+        print(f"  {row['label']:<40}" + "".join(cells))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -339,6 +378,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{len(summary['runs'])} runs; share of the Pareto frontier by {args.group_key}:")
     for group, share in summary["frontier_share"].items():
         print(f"  {group:<10} {share:6.1%}")
+    for run in summary["runs"]:
+        ratios = {name: value for name, value in run.items() if name.startswith("grad_var/")}
+        if ratios:
+            print(f"  {run['run']}: " + ", ".join(f"{k.split('/')[1]} {v:.3g}" for k, v in ratios.items()))
     print(f"wrote {args.output / 'pareto.png'} and {args.output / 'pareto.json'}")
 
 

@@ -30,6 +30,14 @@ from torchmetrics import Metric
 # Statistics logged for every KL estimator and stage.
 KL_STATS = ("mean", "within_prompt_var", "within_prompt_var_sem", "sem_prompts", "sem_within", "neg_frac")
 STAGES = ("train", "val", "test")
+# Gradient variances per prompt (grad_variance.py), in the column order of GradVarianceStats.
+GRAD_VAR_PARTS = ("kl_mc", "kl_rb", "reward", "total_mc", "total_rb")
+# Ratios of mean gradient variances: MC's KL part over RB's, and the KL part's share of each total.
+RATIOS = {
+    "kl_mc_over_kl_rb": ("kl_mc", "kl_rb"),
+    "kl_share_mc": ("kl_mc", "total_mc"),
+    "kl_share_rb": ("kl_rb", "total_rb"),
+}
 
 # State layout: [n, mean of m_i, M2 of m_i, sum s2_i, sum s2_i^2, sum s2_i / M_i, samples, negatives]
 _N, _MEAN, _M2, _S2, _S2SQ, _S2_OVER_M, _SAMPLES, _NEG = range(8)
@@ -46,6 +54,12 @@ def reward_key(stage: str, stat: str) -> str:
 def ratio_key(stage: str) -> str:
     """Within-prompt variance of MC over RB: how many times more samples MC needs for RB's precision."""
     return f"{stage}/kl/within_prompt_var_ratio/mc_over_rb"
+
+
+def grad_var_key(stage: str, name: str) -> str:
+    """A gradient variance (grad_variance.GRAD_VAR_PARTS), `kl_mc_over_kl_rb`, `kl_share_mc` or
+    `kl_share_rb`; with `_sem` appended, its standard error over prompts."""
+    return f"{stage}/grad_var/{name}"
 
 
 def size_key(stage: str, what: str) -> str:
@@ -156,12 +170,74 @@ class PromptGroupedStats(Metric):
         }
 
 
+class GradVarianceStats(Metric):
+    """Means over prompts of per-prompt gradient variances, and ratios of them, with standard errors.
+
+    Each prompt contributes one row of the five within-prompt variances (grad_variance.py); the
+    state is the count, the column sums and the cross-product sums in float64, summed over ranks.
+    Plain sums suffice here, unlike for the KL values: a variance estimate's spread over prompts is
+    of the order of its mean, not 1e-8 of it. The ratios are ratios of means; their standard errors
+    come from the delta method with the covariance of the two means over prompts.
+
+    Example:
+        >>> m = GradVarianceStats()
+        >>> m.update(torch.tensor([[2.0, 1.0, 3.0, 4.0, 3.0], [4.0, 1.0, 5.0, 8.0, 5.0]]))
+        >>> round(m.compute()["kl_mc_over_kl_rb"].item(), 4)
+        3.0
+    """
+
+    full_state_update = False
+    higher_is_better = None
+    is_differentiable = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        width = len(GRAD_VAR_PARTS)
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sums", default=torch.zeros(width, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("products", default=torch.zeros(width, width, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, per_prompt: Tensor) -> None:
+        """per_prompt [n, 5]: each prompt's variances, columns in GRAD_VAR_PARTS order."""
+        if per_prompt.dim() != 2 or per_prompt.shape[1] != len(GRAD_VAR_PARTS):
+            raise ValueError(f"expected [prompts, {len(GRAD_VAR_PARTS)}] variances, got {tuple(per_prompt.shape)}")
+        x = per_prompt.detach().to(self.sums.device, torch.float64)
+        self.count += x.shape[0]
+        self.sums += x.sum(0)
+        self.products += x.T @ x
+
+    def compute(self) -> dict[str, Tensor]:
+        n = self.count
+        mean = self.sums / n
+        # Covariance of the per-prompt values, then of their means.
+        cov = (
+            (self.products - n * torch.outer(mean, mean)) / (n - 1) / n
+            if n > 1
+            else torch.full_like(self.products, float("nan"))
+        )
+        col = {name: i for i, name in enumerate(GRAD_VAR_PARTS)}
+        out = {}
+        for name, i in col.items():
+            out[name] = mean[i]
+            out[f"{name}_sem"] = cov[i, i].clamp(min=0).sqrt()
+        for name, (top, bottom) in RATIOS.items():
+            a, b = col[top], col[bottom]
+            ratio = mean[a] / mean[b]
+            # Delta method: Var(A/B) ~ (Var A - 2 R Cov(A, B) + R^2 Var B) / B^2.
+            var = (cov[a, a] - 2 * ratio * cov[a, b] + ratio.square() * cov[b, b]) / mean[b].square()
+            out[name], out[f"{name}_sem"] = ratio, var.clamp(min=0).sqrt()
+        out["prompts"] = n
+        return out
+
+
 class EstimatorStudy(nn.Module):
     """One stage's bookkeeping: every KL estimator and the reward, grouped by prompt."""
 
-    def __init__(self, stage: str, estimators: Sequence[str]):
+    def __init__(self, stage: str, estimators: Sequence[str], grad_variance: bool = False):
         super().__init__()
         self.stage = stage
+        # Only where the module measures it (validation with updates.track_grad_variance).
+        self.grad_variance = GradVarianceStats() if grad_variance else None
         # One metric per quantity, never a MetricCollection with compute groups, which would
         # merge these look-alike states and report wrong numbers.
         self.kl = nn.ModuleDict({name: PromptGroupedStats() for name in estimators})
@@ -192,4 +268,10 @@ class EstimatorStudy(nn.Module):
                 logged[kl_key(stage, "rb", "within_prompt_var")],
             )
             logged[ratio_key(stage)] = w_mc / w_rb
+        if self.grad_variance is not None:
+            grad_var = self.grad_variance.compute()
+            self.grad_variance.reset()
+            logged.update(
+                {grad_var_key(stage, name): value.float() for name, value in grad_var.items() if name != "prompts"}
+            )
         return logged

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .checkpoint_state import check_grouped, check_holds, keep_only
 from .estimators import LOGGED_ESTIMATORS, all_kl_values
+from .grad_variance import GradVarianceProbe
 from .lightning_internals import attached_trainer, plain_hyperparameters, start_next_epoch_afresh
 from .metrics import STAGES, EstimatorStudy
 from .model_pair import ModelPair
@@ -107,7 +108,13 @@ class RBKLModule(L.LightningModule):
         if self.updates.fused_lm_head:
             self.pair.check_linear_heads()  # refused now, not at the first step
         # Keyed "<stage>_study": a ModuleDict key may not shadow a Module attribute such as train.
-        self.studies = nn.ModuleDict({f"{stage}_study": EstimatorStudy(stage, LOGGED_ESTIMATORS) for stage in STAGES})
+        track = self.updates.track_grad_variance
+        self.studies = nn.ModuleDict(
+            {f"{stage}_study": EstimatorStudy(stage, LOGGED_ESTIMATORS, track and stage == "val") for stage in STAGES}
+        )
+        self.grad_variance = (
+            GradVarianceProbe(self.pair, self.objective.beta, self.updates.grad_variance_contrasts) if track else None
+        )
         # Checkpoints hold the policy only: the reference and reward are rebuilt from the config.
         self.strict_loading = False
         # The seed seed_everything set (LightningCLI seeds before building the module); a resumed
@@ -166,7 +173,11 @@ class RBKLModule(L.LightningModule):
         # optimization) does not apply here: a plain trainer.fit gets the same sentence as the CLI.
         # A subclass that returns its own callbacks calls super().configure_callbacks() first.
         self.check_trainer(self.trainer)
-        return []
+        if self.grad_variance is None:
+            return []
+        from .callbacks import GradVariancePlot  # the plot of an opt-in metric comes with the option
+
+        return [GradVariancePlot()]
 
     def check_trainer(self, trainer: L.Trainer) -> None:
         """Lightning's own accumulation and clipping do not apply to a module that steps itself."""
@@ -174,6 +185,11 @@ class RBKLModule(L.LightningModule):
             raise ValueError(
                 "updates.fused_lm_head needs the LM head's whole weight, which FSDP shards: set "
                 "model.init_args.updates.fused_lm_head: false (or leave it unset)"
+            )
+        if self.updates.track_grad_variance and isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "updates.track_grad_variance differentiates the policy's own parameters outside FSDP's forward, "
+                "which shards them: set model.init_args.updates.track_grad_variance: false under FSDP"
             )
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
@@ -256,6 +272,8 @@ class RBKLModule(L.LightningModule):
             rollout = self.rollout(batch, samples_per_prompt)
         values = self.model_step(rollout, with_loss=False).values  # Lightning evaluates without grad
         self.study(stage).update(values, rollout.rewards, rollout.group_size)
+        if stage == "val" and self.grad_variance is not None:
+            self.study(stage).grad_variance.update(self.grad_variance(rollout, self.global_step))
         # Callbacks (the sample table) see the texts and this rank's per-sample values.
         return {
             "prompts": rollout.prompts,

@@ -83,6 +83,11 @@ class Updates:
         fused_lm_head: compute the statistics from the final hidden states and the LM heads, never
             holding [N, R, V] logits (fused_head.py): less memory, the head's matmuls twice. None:
             on when one micro-batch's response logits would pass 1 GiB in float32.
+        track_grad_variance: at each validation, log the within-prompt total variance of the
+            update's per-sample gradients, per part (reward, mc and rb KL, both totals), under
+            val/grad_var/ (grad_variance.py, docs/estimators.md §10). Off: it costs backward passes.
+        grad_variance_contrasts: backward passes per part and validation prompt (1 to M - 1 with M
+            val_samples_per_prompt); None: M - 1, which gives each prompt's variance exactly.
     """
 
     ppo_epochs: int = 1
@@ -91,10 +96,14 @@ class Updates:
     gradient_clip_val: float | None = None
     kl_chunk_rows: int | None = None
     fused_lm_head: bool | None = None
+    track_grad_variance: bool = False
+    grad_variance_contrasts: int | None = 1
 
     def __post_init__(self) -> None:
         for name in ("ppo_epochs", "minibatches", "micro_batches"):
             at_least(name, getattr(self, name), 1)
+        if self.grad_variance_contrasts is not None:
+            at_least("grad_variance_contrasts", self.grad_variance_contrasts, 1, " (or None for M - 1, exact)")
         if self.gradient_clip_val is not None and not self.gradient_clip_val > 0:
             raise ValueError(f"gradient_clip_val must be > 0 (or None for no clipping), got {self.gradient_clip_val}")
         if self.kl_chunk_rows is not None:

@@ -25,7 +25,7 @@ from matplotlib.text import Annotation, Text
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import Bbox
 
-from .metrics import kl_key, reward_key, size_key
+from .metrics import GRAD_VAR_PARTS, grad_var_key, kl_key, reward_key, size_key
 
 FIGSIZE, DPI = (6.4, 4.8), 100  # PNGs are 640 x 480 pixels
 COLORS = {
@@ -333,6 +333,51 @@ def estimator_spread(history: Sequence[Mapping[str, float]], estimators: Sequenc
         f"({_last_sizes(history)}; bars: 1 s.e. over prompts)",
         note=LOG_RATIO,
     )
+
+
+GRAD_VAR_COLORS = {
+    "kl_mc": "tab:orange",
+    "kl_rb": "tab:blue",
+    "reward": "tab:green",
+    "total_mc": "tab:red",
+    "total_rb": "tab:purple",
+}
+
+
+def gradient_variance(history: Sequence[Mapping[str, float]]) -> Figure:
+    """Left: each part's within-prompt gradient variance per epoch; right: the MC/RB ratio of the
+    KL part and the KL part's share of each total. Bars: 1 s.e. over prompts."""
+    fig = Figure(figsize=(2 * FIGSIZE[0], FIGSIZE[1]), dpi=DPI)
+    parts, ratios = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    series = [(parts, name, GRAD_VAR_COLORS[name]) for name in GRAD_VAR_PARTS]
+    series += [(ratios, "kl_mc_over_kl_rb", "black"), (ratios, "kl_share_mc", "tab:orange")]
+    series += [(ratios, "kl_share_rb", "tab:blue")]
+    for ax, name, color in series:
+        key = grad_var_key("val", name)
+        pts = [h for h in history if _finite(h.get(key)) and h[key] > 0]
+        if pts:
+            sem = [_value(h, f"{key}_sem") for h in pts]
+            ax.errorbar(
+                [h["epoch"] for h in pts],
+                [h[key] for h in pts],
+                yerr=sem,
+                marker="o",
+                capsize=3,
+                color=color,
+                label=name,
+            )
+    for ax in (parts, ratios):
+        if ax.has_data():
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _finish(
+        fig,
+        parts,
+        "epoch",
+        "tr Cov of the per-sample gradient",
+        f"Gradient variance per part\n({_last_sizes(history)})",
+    )
+    return _finish(fig, ratios, "epoch", "ratio", "KL part: MC over RB, and its share of each total")
 
 
 def precision_vs_samples(report: Mapping, max_factor: int = 64) -> Figure:

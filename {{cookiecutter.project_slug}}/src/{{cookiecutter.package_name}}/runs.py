@@ -204,6 +204,16 @@ def resume_config_name(run_dir: Path, step: int) -> str:
     return name
 
 
+def newest_config(run_dir: Path) -> Path:
+    """The configuration the run last trained with: its latest resume's (by step, then by repeat), else config.yaml."""
+    resumed = []
+    for path in run_dir.glob("config.resumed-at-step-*.yaml"):
+        match = re.fullmatch(r"config\.resumed-at-step-(\d+)(?:\.(\d+))?\.yaml", path.name)
+        if match:  # a name of another making is not one of ours
+            resumed.append((int(match.group(1)), int(match.group(2) or 1), path))
+    return max(resumed)[2] if resumed else run_dir / "config.yaml"
+
+
 def continue_command(argv: list[str], checkpoint: Path) -> str:
     """The command line that was run, resuming from `checkpoint`."""
     args, skip_next = [], False

@@ -1,0 +1,136 @@
+"""Total variance of the per-sample gradient estimates of one update, per part (docs/estimators.md §10).
+
+For the k samples y_1..y_k of one prompt, g_j is sample j's term of the on-policy RLOO update
+(objective.py), split into the parts
+
+    reward   -(R_j - b_j) grad log p(y_j)                 b_j: leave-one-out mean of the rewards
+    kl_mc    beta * grad of the mc KL surrogate of y_j     (leave-one-out baseline)
+    kl_rb    beta * grad of the rb KL surrogate of y_j     (leave-one-out baseline, per position)
+    total_mc reward + kl_mc                               total_rb  reward + kl_rb
+
+and the quantity is the within-prompt total variance s2 = sum_j ||g_j - g_bar||^2 / (k - 1), the
+trace of the samples' covariance (what "gradient-norm variance" means). No per-sample gradient
+is formed: for unit vectors c orthogonal to (1, .., 1), h = grad sum_j c_j loss_j = sum_j c_j g_j
+is one backward pass, and with c uniform over that (k - 1)-dimensional sphere
+E ||h||^2 = sum_j ||g_j - g_bar||^2 / (k - 1) = s2. Orthonormal contrasts drawn together give
+s2 exactly once there are k - 1 of them.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from .estimators import kl_surrogate, leave_one_out_mean, masked_token_stats
+from .metrics import GRAD_VAR_PARTS
+from .token_stats import TokenStats
+
+if TYPE_CHECKING:  # the estimator itself needs torch only (the DDP test's workers import it)
+    from .model_pair import ModelPair
+    from .rollout import Rollout
+    from .sampling import Samples
+
+# The three parts differentiated; the five reported (metrics.GRAD_VAR_PARTS) add the totals.
+GRADIENT_PARTS = ("reward", "kl_mc", "kl_rb")
+_TOTALS = {"total_mc": ("reward", "kl_mc"), "total_rb": ("reward", "kl_rb")}
+
+
+def update_parts(stats: TokenStats, mask: Tensor, rewards: Tensor, k: int, beta: float) -> dict[str, Tensor]:
+    """Per-sample surrogates [N] of each part of the on-policy update (rho = 1), k samples per prompt.
+
+    reward + kl_rb (or kl_mc) is `rloo_kl_loss(...).per_sample` of the default objective with that
+    KL gradient, term for term; the KL parts are measured for both gradients on the same samples.
+    """
+    seq_logp = stats.logp.sum(-1)  # [N]
+    advantage = (rewards - leave_one_out_mean(rewards, k)).detach()
+    return {
+        "reward": -advantage * seq_logp,
+        "kl_mc": beta * kl_surrogate(stats, mask, "mc", group_size=k),
+        "kl_rb": beta * kl_surrogate(stats, mask, "rb", group_size=k),
+    }
+
+
+def unit_contrasts(k: int, count: int, generator: torch.Generator) -> Tensor:
+    """[count, k] orthonormal rows, each summing to 0, the set uniformly rotated in that subspace.
+
+    By rotation invariance each row is uniform on the unit sphere of {c : sum c = 0}, so
+    E[c c^T] = (I - 11^T / k) / (k - 1); `count` = k - 1 rows are a basis of it.
+    """
+    if not 1 <= count <= k - 1:
+        raise ValueError(f"between 1 and k - 1 = {k - 1} contrasts per prompt, got {count}")
+    z = torch.randn(k, count, generator=generator, dtype=torch.float64)
+    basis, _ = torch.linalg.qr(z - z.mean(0, keepdim=True))  # [k, count], columns in the centred subspace
+    return basis.T
+
+
+def prompt_grad_variance(parts: Mapping[str, Tensor], params: Sequence[Tensor], contrasts: Tensor) -> Tensor:
+    """[5] estimates of s2 for GRAD_VAR_PARTS from one prompt's per-sample surrogates [k] each.
+
+    One backward pass per part and contrast; only the three contrasted gradients are held.
+    """
+    gram = torch.zeros(len(GRADIENT_PARTS), len(GRADIENT_PARTS), dtype=torch.float64)
+    for c in contrasts:
+        grads = [_flat_gradient((c.to(parts[name].dtype) * parts[name]).sum(), params) for name in GRADIENT_PARTS]
+        stacked = torch.stack(grads).double()  # [3, P]
+        gram += (stacked @ stacked.T).cpu()
+    gram /= len(contrasts)  # E ||h_a||^2 and E h_a . h_b, averaged over the contrasts
+    index = {name: i for i, name in enumerate(GRADIENT_PARTS)}
+
+    def norm_of(names: Sequence[str]) -> Tensor:
+        rows = [index[name] for name in names]
+        return gram[rows][:, rows].sum()  # ||sum of the parts' h||^2
+
+    return torch.stack([norm_of(_TOTALS.get(name, (name,))) for name in GRAD_VAR_PARTS])
+
+
+def _flat_gradient(surrogate: Tensor, params: Sequence[Tensor]) -> Tensor:
+    grads = torch.autograd.grad(surrogate, params, retain_graph=True, allow_unused=True)
+    return torch.cat(
+        [torch.zeros_like(p).flatten() if g is None else g.flatten() for p, g in zip(params, grads, strict=True)]
+    )
+
+
+def contrast_generator(step: int, prompt: str) -> torch.Generator:
+    """Seeded by the step and the prompt's text: a prompt gets the same contrasts on any DDP rank."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{step}\n{prompt}".encode()))
+
+
+class GradVarianceProbe:
+    """Each prompt's five within-prompt gradient variances at the policy's current weights.
+
+    The statistics are recomputed from materialised logits of one prompt's k responses at a time
+    (never in place: each contrast backpropagates through the same graph), so the cost is one
+    forward and 3 x `contrasts` backward passes of k rows per prompt.
+    """
+
+    def __init__(self, pair: ModelPair, beta: float, contrasts: int | None = None):
+        self.pair, self.beta, self.contrasts = pair, beta, contrasts
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.pair.policy.parameters() if p.requires_grad]
+
+    def stats(self, samples: Samples) -> TokenStats:
+        policy_logits = self.pair.response_logits(self.pair.policy, samples)
+        ref_logits = self.pair.reference_logits(samples)
+        return masked_token_stats(policy_logits, ref_logits, samples.response, samples.response_mask, kl_grad=True)
+
+    def __call__(self, rollout: Rollout, step: int) -> Tensor:
+        """[n, 5]: one row per prompt of the rollout, columns GRAD_VAR_PARTS."""
+        k, params = rollout.group_size, self.trained_parameters()
+        count = self.contrasts or k - 1
+        rows = []
+        # Lightning evaluates in inference mode; indexing the rollout gives ordinary tensors.
+        with torch.inference_mode(False), torch.enable_grad():
+            for i, prompt in enumerate(rollout.prompts):
+                group = rollout.select(torch.tensor([i]))
+                parts = update_parts(
+                    self.stats(group.samples), group.samples.response_mask, group.rewards, k, self.beta
+                )
+                rows.append(
+                    prompt_grad_variance(parts, params, unit_contrasts(k, count, contrast_generator(step, prompt)))
+                )
+        return torch.stack(rows)
