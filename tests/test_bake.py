@@ -218,6 +218,21 @@ def test_custom_free_text_bakes_a_package_that_imports(custom_bake):
 
 
 @pytest.mark.parametrize(
+    "name, slug, package",
+    [
+        ("Alice's RL Lab", "alices-rl-lab", "alices_rl_lab"),
+        ('Zoë\'s 2nd "Lab" — été', "zoes-2nd-lab-ete", "zoes_2nd_lab_ete"),
+        ("2025: KL_study!", "2025-kl-study", "kl_study"),
+    ],
+)
+def test_any_project_name_derives_a_slug_and_package_the_hook_accepts(tmp_path, name, slug, package):
+    project = bake(tmp_path, project_name=name)
+    assert project.name == slug
+    result = run([sys.executable, "-c", f"import {package}"], project / "src", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
     "context, message",
     [
         ({"package_name": "torch"}, "would shadow the dependency"),

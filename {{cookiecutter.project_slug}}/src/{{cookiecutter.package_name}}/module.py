@@ -37,7 +37,7 @@ from .model_pair import ModelPair
 from .models import freeze
 from .objective import LossParts, Objective, StepOutput, rloo_kl_loss
 from .options import LoRA, Optimization, Sampling, Updates, as_group
-from .rewards import Reward
+from .rewards import Reward, RewardFunction, as_reward
 from .rollout import PromptEncoder, ResponseSampler, Rollout, score_responses
 from .schedules import lr_lambda
 from .token_stats import TokenStats
@@ -56,7 +56,7 @@ class RBKLModule(L.LightningModule):
         policy: str = "builtin:tiny-gpt2",
         reference: str | None = None,
         tokenizer: str | None = None,
-        reward: Reward | None = None,
+        reward: Reward | RewardFunction | None = None,
         dtype: Literal["float32", "bfloat16"] = "float32",
         trust_remote_code: bool = False,
         objective: Objective = DEFAULT_OBJECTIVE,
@@ -70,7 +70,8 @@ class RBKLModule(L.LightningModule):
             policy: the model to fine-tune: hub name, local folder, or builtin:tiny-gpt2[:seed=N].
             reference: the frozen model of the KL term (the teacher, for distillation); default: policy.
             tokenizer: tokenizer name or folder; default: policy.
-            reward: callable (prompts, responses) -> Tensor[N], set by class_path; None: no reward (pure KL).
+            reward: a Reward (prompts, responses) -> Tensor[N], set by class_path, or a TRL-style function
+                reward(prompts, completions, **kwargs) -> list[float] by its dotted path; None: no reward (pure KL).
             dtype: weights of policy and reference: "float32" or "bfloat16".
             trust_remote_code: allow code shipped with a checkpoint to run (off unless you trust it).
             objective: how the loss combines reward and KL (beta, kl_gradient, kl_placement, ...).
@@ -95,6 +96,7 @@ class RBKLModule(L.LightningModule):
         self.automatic_optimization = False
         self.pair = ModelPair.load(policy, reference, tokenizer, dtype, trust_remote_code, self.lora)
         self.policy, self.reference, self.tokenizer = self.pair.policy, self.pair.reference, self.pair.tokenizer
+        reward = as_reward(reward)
         self.reward = freeze(reward) if isinstance(reward, nn.Module) else reward
         self.train()  # every model in eval mode from the start, not only after Lightning's first switch
         s, context = self.sampling, self.pair.context_length()
