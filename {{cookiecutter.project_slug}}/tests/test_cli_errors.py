@@ -52,7 +52,7 @@ def last_line(*args: str, cwd: Path) -> tuple[str, str]:
         (
             ["fit", "--config", DEFAULT, "--model.init_args.reward.class_path=my_rewards.Missing"],
             "error: model.init_args.reward: cannot import class_path 'my_rewards.Missing': No module named "
-            "'my_rewards' (a module of your own can live in the project root",
+            "'my_rewards' (a module of your own goes in the project root",
         ),
         (
             ["--config", DEFAULT, "fit"],

@@ -70,7 +70,8 @@ class CLI(ExplicitValuesWin, LightningCLI):
                 # Every run leaves logs/<name>/version_N/metrics.csv and plots/; a config may replace these.
                 "trainer.logger": {"class_path": f"{PACKAGE}.runs.RunLogger", "init_args": {"save_dir": "logs"}},
                 "trainer.callbacks": [
-                    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+                    {"class_path": f"{PACKAGE}.display.RunProgressBar"},
+                    {"class_path": f"{PACKAGE}.display.RunModelSummary"},
                     {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"},
                     {"class_path": f"{PACKAGE}.callbacks.RewardVsKLPlot"},
                     {"class_path": f"{PACKAGE}.callbacks.EstimatorVariancePlot"},
@@ -138,6 +139,8 @@ class CLI(ExplicitValuesWin, LightningCLI):
             trainer.callbacks = [
                 c for c in trainer.callbacks if not str(c.get("class_path", "")).endswith("ProgressBar")
             ]
+        if trainer is not None and trainer.get("enable_model_summary") is False and trainer.get("callbacks"):
+            trainer.callbacks = [c for c in trainer.callbacks if not str(c.get("class_path", "")).endswith("Summary")]
         if self.resumed_from is None or self.subcommand != "fit":
             return
         path, saved = self.resumed_from
@@ -161,6 +164,11 @@ class CLI(ExplicitValuesWin, LightningCLI):
         if self.trainer.is_global_zero and run_dir:
             files = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(run_dir).iterdir())
             print(f"\nRun folder: {run_dir}\n  " + "  ".join(files))
+
+    def test(self, **kwargs) -> None:
+        # The KL report (callbacks.KLReport) is the table of a test run: Lightning's own would
+        # repeat its numbers after it, with a reward of 0.0 where there is none.
+        self.trainer.test(**{**kwargs, "verbose": False})
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -277,8 +285,8 @@ def _explain_parse_error(message: str, parser: LightningArgumentParser) -> str:
         return "; ".join(_unknown_option_sentence("", name, known, "python train.py fit --help") for name in unknown)
     if cause.class_path and re.match(r"No module named|cannot import name|module '.+' has no attribute", detail):
         return (
-            f"{where}: cannot import class_path {cause.class_path!r}: {detail} (a module of your own can live "
-            "in the project root, which is on the import path of train.py, or in src/)"
+            f"{where}: cannot import class_path {cause.class_path!r}: {detail} (a module of your own goes in "
+            "the project root, next to train.py, which is on its import path)"
         )
     return f"{where}: {detail}" if where else detail
 
@@ -350,7 +358,7 @@ def _refused_by_a_check(error: BaseException) -> bool:
 class _DropTips(logging.Filter):
     """Lightning's advertising tips and bookkeeping notes: not what a first run should print."""
 
-    NOISE = ("💡 Tip:", "Loading `train_dataloader` to estimate")
+    NOISE = ("💡 Tip:", "Loading `train_dataloader` to estimate", "Trainer already configured with model summary")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.NOISE)
@@ -364,6 +372,8 @@ def _quiet() -> None:
     # LeafSpec notice is Lightning's own deprecation, which a user cannot act on.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # A resume writes into its own run folder on purpose (runs.py), where the checkpoints already are.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def main(args=None) -> CLI:

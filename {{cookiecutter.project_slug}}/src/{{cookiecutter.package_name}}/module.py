@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
-from .checkpoint_state import check_grouped, check_holds, keep_only, record_rng, restore_rng
+from .checkpoint_state import check_grouped, check_holds, fill_left_out, keep_only, record_rng, restore_rng
 from .estimators import LOGGED_ESTIMATORS, all_kl_values
 from .lightning_internals import attached_trainer, plain_hyperparameters
 from .metrics import STAGES, EstimatorStudy
@@ -148,6 +148,7 @@ class RBKLModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_holds(checkpoint, self.checkpointed_keys())
+        fill_left_out(checkpoint, self.state_dict())
         check_grouped(checkpoint.get("hyper_parameters", {}), self.accepts_flat_checkpoint)
         self._rng_states_to_restore = checkpoint.get("rng_states")
 
