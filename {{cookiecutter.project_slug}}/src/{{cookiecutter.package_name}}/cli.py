@@ -235,7 +235,7 @@ class _ParseCause:
 
 
 # Lines of jsonargparse's union report that say nothing about this mistake.
-_UNION_NOISE = ("Does not validate against any", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>")
+_UNION_NOISE = ("Does not validate against any", "Subtypes:", "Errors:", "Given value type:")
 
 
 def _parse_cause(message: str) -> _ParseCause:
@@ -254,7 +254,7 @@ def _parse_cause(message: str) -> _ParseCause:
             cause.given = cause.given or line.removeprefix("Given value:").strip()
         elif line.startswith("- Expected a <class '"):
             expected.append(line.split("'")[1].replace("NoneType", "null"))
-        elif line and not line.startswith(_UNION_NOISE) and not line.startswith("Given value") and not cause.detail:
+        elif line and not line.startswith(_UNION_NOISE) and not cause.detail:
             cause.detail = line.removeprefix("- ")
     if not cause.detail and expected:
         cause.detail = f"expected {' or '.join(expected)}" + (f", got {cause.given!r}" if cause.given else "")
