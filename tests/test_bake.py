@@ -52,6 +52,7 @@ PACKAGE_MODULES = [
     "cli",
     "compare_runs",
     "data",
+    "display",
     "estimators",
     "export",
     "fused_head",
@@ -83,6 +84,7 @@ TEST_MODULES = [
     "tabular_lm",
     "test_callbacks",
     "test_cli",
+    "test_cli_errors",
     "test_compare_runs",
     "test_data_and_rewards",
     "test_ddp",
@@ -215,6 +217,21 @@ def test_custom_free_text_bakes_a_package_that_imports(custom_bake):
     assert result.stdout == CUSTOM["description"]
     imdb = yaml.safe_load((custom_bake / "configs" / "imdb.yaml").read_text())
     assert imdb["model"]["init_args"]["policy"] == "lvwerra/gpt2-imdb"
+
+
+@pytest.mark.parametrize(
+    "name, slug, package",
+    [
+        ("Alice's RL Lab", "alices-rl-lab", "alices_rl_lab"),
+        ('Zoë\'s 2nd "Lab" — été', "zoes-2nd-lab-ete", "zoes_2nd_lab_ete"),
+        ("2025: KL_study!", "2025-kl-study", "kl_study"),
+    ],
+)
+def test_any_project_name_derives_a_slug_and_package_the_hook_accepts(tmp_path, name, slug, package):
+    project = bake(tmp_path, project_name=name)
+    assert project.name == slug
+    result = run([sys.executable, "-c", f"import {package}"], project / "src", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize(

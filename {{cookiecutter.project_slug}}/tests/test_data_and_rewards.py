@@ -4,11 +4,15 @@ import pytest
 import torch
 
 from {{ cookiecutter.package_name }}.data import PromptDataModule, read_prompts
+from {{ cookiecutter.package_name }}.options import near_names
 from {{ cookiecutter.package_name }}.rewards import (
+    FunctionReward,
     KeywordReward,
     SentimentClassifierReward,
     VaderSentimentReward,
+    as_reward,
     check_rewards,
+    reward_config,
 )
 
 
@@ -140,3 +144,46 @@ def test_words_outside_the_vocabulary_are_named_once():
 def test_a_batch_larger_than_the_prompt_set_is_said(tmp_path):
     with pytest.warns(UserWarning, match="data.batch_size=64 is more than the"):
         PromptDataModule(batch_size=64).setup("fit")
+
+
+def trl_style(prompts, completions, **kwargs):
+    return [float(len(c.split())) if p else None for p, c in zip(prompts, completions, strict=True)]
+
+
+def test_a_trl_reward_function_is_called_with_keywords_and_checked_like_a_reward():
+    seen = {}
+
+    def only_completions(completions, **kwargs):  # TRL passes keywords, so this form works there
+        seen.update(kwargs)
+        return [1.0] * len(completions)
+
+    reward = as_reward(only_completions)
+    assert isinstance(reward, FunctionReward) and as_reward(reward) is reward and as_reward(None) is None
+    torch.testing.assert_close(reward(["p", "p"], ["a", "b"]), torch.ones(2))
+    assert seen == {"prompts": ["p", "p"]}
+    torch.testing.assert_close(as_reward(trl_style)(["x"], ["two words"]), torch.tensor([2.0]))
+    with pytest.raises(ValueError, match="non-finite reward nan for prompt '' and response 'b'"):
+        check_rewards(as_reward(trl_style)(["a", ""], ["a", "b"]), ["a", ""], ["a", "b"])
+    with pytest.raises(ValueError, match="one value per response"):
+        check_rewards(as_reward(lambda prompts, completions: [1.0])(["a", "b"], ["c", "d"]), ["a", "b"], ["c", "d"])
+    with pytest.raises(TypeError, match="a Reward or a function"):
+        as_reward(3)
+
+
+def test_a_reward_function_is_stored_as_its_dotted_path():
+    assert reward_config(trl_style) == f"{__name__}.trl_style"
+    assert reward_config({"class_path": "x.Y"}) == {"class_path": "x.Y"} and reward_config(None) is None
+
+
+@pytest.mark.parametrize(
+    "name, near",
+    [
+        ("betta", ["objective.beta"]),  # a typo of an option inside a group
+        ("beta", ["objective.beta"]),  # an option that moved into a group
+        ("objective.betta", ["objective.beta"]),
+        ("zzz", []),
+    ],
+)
+def test_near_names_find_typos_and_moved_options(name, near):
+    known = {"objective.beta", "objective.kl_gradient", "sampling.max_new_tokens", "policy"}
+    assert near_names(name, known)[:1] == near

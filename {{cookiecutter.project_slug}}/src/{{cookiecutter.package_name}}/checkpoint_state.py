@@ -3,7 +3,7 @@ reference and the reward are rebuilt from the config)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .options import nest_flat_options
@@ -24,6 +24,14 @@ def check_grouped(hparams: dict[str, Any], accepted: bool) -> None:
             f"the checkpoint was written before the options were grouped ({', '.join(moved[:3])}, ...): load "
             "it through train.py (--ckpt_path), which moves its options into their groups"
         )
+
+
+def fill_left_out(checkpoint: dict[str, Any], rebuilt: Mapping[str, Any]) -> None:
+    """The weights a checkpoint leaves out on purpose (the reference, a LoRA adapter's base) taken
+    from the module that rebuilt them from its config, so that Lightning's non-strict load does
+    not list them as missing (a 30-key warning for a LoRA checkpoint of the tiny model)."""
+    for key, value in rebuilt.items():
+        checkpoint["state_dict"].setdefault(key, value)
 
 
 def check_holds(checkpoint: dict[str, Any], keys: Sequence[str]) -> None:

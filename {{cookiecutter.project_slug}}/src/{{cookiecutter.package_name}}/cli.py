@@ -10,13 +10,17 @@ and exit with 143 and 130, so a scheduler never mistakes an interrupted run for 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
 import traceback
+import typing
 import warnings
 from pathlib import Path
 
@@ -26,7 +30,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from .data import PromptDataModule
 from .lightning_internals import ExplicitValuesWin
 from .module import RBKLModule
-from .options import option_groups
+from .options import near_names, option_groups
+from .rewards import reward_config
 from .runs import (
     LastCheckpoint,
     UnreadableCheckpoint,
@@ -63,6 +68,11 @@ class CLI(ExplicitValuesWin, LightningCLI):
                 self._remove_failed_start()
             raise
 
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        # No option is taken from its first letters: --trainer.max_epoch is a typo, not max_epochs.
+        self.parser_class = OneSentenceParser
+        return super().init_parser(allow_abbrev=False, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # last.ckpt every N optimizer steps, at the end, and on SIGTERM/SIGINT (the current step):
         # `--ckpt_path last` resumes from it. Epoch checkpoints come from the callback list below.
@@ -76,10 +86,12 @@ class CLI(ExplicitValuesWin, LightningCLI):
                 # Every run leaves logs/<name>/version_N/metrics.csv and plots/; a config may replace these.
                 "trainer.logger": {"class_path": f"{PACKAGE}.runs.RunLogger", "init_args": {"save_dir": "logs"}},
                 "trainer.callbacks": [
-                    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+                    {"class_path": f"{PACKAGE}.display.RunProgressBar"},
+                    {"class_path": f"{PACKAGE}.display.RunModelSummary"},
                     {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"},
                     {"class_path": f"{PACKAGE}.callbacks.RewardVsKLPlot"},
                     {"class_path": f"{PACKAGE}.callbacks.EstimatorVariancePlot"},
+                    {"class_path": f"{PACKAGE}.callbacks.GradVariancePlot"},  # draws once track_grad_variance logs
                     {"class_path": f"{PACKAGE}.callbacks.EstimatorTable"},
                     {"class_path": f"{PACKAGE}.callbacks.SampleTable"},
                     {"class_path": f"{PACKAGE}.callbacks.KLReport"},
@@ -151,6 +163,8 @@ class CLI(ExplicitValuesWin, LightningCLI):
             trainer.callbacks = [
                 c for c in trainer.callbacks if not str(c.get("class_path", "")).endswith("ProgressBar")
             ]
+        if trainer is not None and trainer.get("enable_model_summary") is False and trainer.get("callbacks"):
+            trainer.callbacks = [c for c in trainer.callbacks if not str(c.get("class_path", "")).endswith("Summary")]
         if self.resumed_from is None or self.subcommand != "fit":
             return
         path, saved = self.resumed_from
@@ -195,12 +209,17 @@ class CLI(ExplicitValuesWin, LightningCLI):
             files = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(run_dir).iterdir())
             print(f"\nRun folder: {run_dir}\n  " + "  ".join(files))
 
+    def test(self, **kwargs) -> None:
+        # The KL report (callbacks.KLReport) is the table of a test run: Lightning's own would
+        # repeat its numbers after it, with a reward of 0.0 where there is none.
+        self.trainer.test(**{**kwargs, "verbose": False})
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         # The reward is an object, so the module does not save it; its config goes into the
         # checkpoint here, and a resume from the command line alone gets it back.
         reward = self.config[self.subcommand]["model"]["init_args"].get("reward") if self.subcommand else None
-        self.model.hparams["reward"] = reward.as_dict() if hasattr(reward, "as_dict") else reward
+        self.model.hparams["reward"] = reward_config(reward)
         if self.resumed_from is not None and hasattr(self.model, "accepts_flat_checkpoint"):
             self.model.accepts_flat_checkpoint = True  # parse_arguments moved its options into their groups
 
@@ -238,25 +257,152 @@ def _innermost(error: BaseException) -> BaseException:
     return error
 
 
-def _parse_error_summary(message: str) -> str:
-    """'model.init_args.objective.kl_gradient: Expected ...' from jsonargparse's nested error text."""
-    keys, detail = [], message.strip().splitlines()[-1].strip()
-    lines = [line.strip() for line in message.splitlines()]
-    for i, line in enumerate(lines):
-        if line.startswith('Parser key "') and line.endswith('":'):
-            keys.append(line[len('Parser key "') : -2])
-            detail = lines[i + 1] if i + 1 < len(lines) else detail
-        elif line.startswith("Given value"):
-            break
-    if len(keys) > 1 and keys[0] == "model":
-        keys.insert(1, "init_args")
-    return ".".join(keys) + ": " + detail if keys else detail
+class OneSentenceParser(LightningArgumentParser):
+    """A parser that answers a mistake with one line, what was wrong and the fix, instead of its usage."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # a parser that reports to its caller (one alternative of a union)
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        sys.stderr.write(f"error: {_explain_parse_error(message, parser)}\n")
+        sys.exit(2)
+
+
+@dataclasses.dataclass
+class _ParseCause:
+    """The gist of jsonargparse's nested error text: where, in which class, and what was wrong."""
+
+    keys: list[str]
+    class_path: str | None
+    detail: str
+    given: str | None
+
+
+# Lines of jsonargparse's union report that say nothing about this mistake.
+_UNION_NOISE = ("Does not validate against any", "Subtypes:", "Errors:", "Given value type:")
+
+
+def _parse_cause(message: str) -> _ParseCause:
+    """The innermost cause in jsonargparse's error text: a failed union or subclass keeps the real
+    reason (an unknown key, an import error) in the lines above its "Does not validate" summary."""
+    cause = _ParseCause([], None, "", None)
+    expected: list[str] = []
+    for line in (line.strip() for line in message.strip().splitlines()):
+        if match := re.fullmatch(r'Parser key "(.+?)":(.*)', line):
+            cause.keys.append(match[1])
+            cause.detail, expected = match[2].strip(), []
+        elif line.startswith("- Problem with given class_path '"):
+            cause.class_path = line.split("'")[1]
+            cause.detail, expected = "", []
+        elif line.startswith("Given value:"):
+            cause.given = cause.given or line.removeprefix("Given value:").strip()
+        elif line.startswith("- Expected a <class '"):
+            expected.append(line.split("'")[1].replace("NoneType", "null"))
+        elif line and not line.startswith(_UNION_NOISE) and not cause.detail:
+            cause.detail = line.removeprefix("- ")
+    if not cause.detail and expected:
+        cause.detail = f"expected {' or '.join(expected)}" + (f", got {cause.given!r}" if cause.given else "")
+    cause.detail = cause.detail or message.strip().splitlines()[-1].strip()
+    return cause
+
+
+def _explain_parse_error(message: str, parser: LightningArgumentParser) -> str:
+    """One sentence for a command line or config that does not parse: what was wrong, and the fix."""
+    cause = _parse_cause(message)
+    where = ".".join(["model", "init_args", *cause.keys[1:]] if cause.keys[:1] == ["model"] else cause.keys)
+    detail = cause.detail
+    if match := re.fullmatch(r"Option '(.+)' is not accepted before subcommand '(\w+)'", detail):
+        return (
+            f"options go after the subcommand: python train.py {match[2]} --config FILE [--other.options] "
+            f"(--config or an option came before '{match[2]}')"
+        )
+    unknown = _unknown_options(detail)
+    if unknown and cause.class_path:  # an option of a class given by class_path (the model, a reward)
+        prefix = (where if where.endswith("init_args") else f"{where}.init_args") + "."
+        known = _class_options(cause.class_path)
+        listing = (
+            f"python train.py fit --{prefix.removesuffix('.init_args.')}.help {cause.class_path.rsplit('.', 1)[-1]}"
+        )
+        return "; ".join(_unknown_option_sentence(prefix, name, known, listing) for name in unknown)
+    if unknown:
+        known = {option.lstrip("-") for option in parser._option_string_actions if option.startswith("--")}
+        return "; ".join(_unknown_option_sentence("", name, known, "python train.py fit --help") for name in unknown)
+    if cause.class_path and re.match(r"No module named|cannot import name|module '.+' has no attribute", detail):
+        return (
+            f"{where}: cannot import class_path {cause.class_path!r}: {detail} (a module of your own goes in "
+            "the project root, next to train.py, which is on its import path)"
+        )
+    return f"{where}: {detail}" if where else detail
+
+
+def _unknown_options(detail: str) -> list[str]:
+    """The option names a jsonargparse message refuses as unknown, without dashes or values."""
+    if detail.startswith("unrecognized arguments: "):
+        given = detail.removeprefix("unrecognized arguments: ").split()
+        return [arg.lstrip("-").split("=", 1)[0] for arg in given if arg.startswith("--")]
+    if match := re.fullmatch(r"(?:Option|Key) '(.+)' is not (?:accepted|expected)", detail):
+        return [match[1]]
+    if match := re.fullmatch(r"Subcommand '\w+' does not accept option '(.+)'", detail):
+        return [match[1]]
+    return []
+
+
+def _unknown_option_sentence(prefix: str, name: str, known: set[str], listing: str) -> str:
+    """'--model.init_args.betta is not an option; near names: --model.init_args.objective.beta'."""
+    option = prefix + name
+    moved = _moved_option([f"--{option}"])
+    if moved:
+        return moved
+    near = near_names(name, known)
+    hint = f"; near names: {', '.join('--' + prefix + n for n in near)}" if near else ""
+    return f"--{option} is not an option{hint} ({listing} lists them)"
+
+
+def _class_options(class_path: str) -> set[str]:
+    """The init arguments of a class, with the fields of option-group dataclasses as `group.field`."""
+    try:
+        module, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # the names are a hint; the sentence stands without them
+        return set()
+    names = set()
+    for name in inspect.signature(cls.__init__).parameters:
+        if name in ("self", "args", "kwargs"):
+            continue
+        names.add(name)
+        for kind in (hints.get(name), *typing.get_args(hints.get(name))):
+            if dataclasses.is_dataclass(kind):
+                names |= {f"{name}.{field.name}" for field in dataclasses.fields(kind)}
+    return names
+
+
+def _explain_error(error: BaseException) -> str:
+    """The sentence of an error raised while the classes are built, with the fix where it is known."""
+    if match := re.fullmatch(r"Import path (\S+) does not correspond to a subclass of Reward", str(error)):
+        return (
+            f"model.init_args.reward: {match[1]} is not a Reward class; a reward function "
+            f"(prompts, completions, **kwargs) -> list[float] is given by its dotted path alone: reward: {match[1]}"
+        )
+    return str(error)
+
+
+def _refused_by_a_check(error: BaseException) -> bool:
+    """A ValueError or FileNotFoundError raised in this package: one of its checks, whose message
+    names the setting (a failure inside torch or a user's own code keeps its traceback)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    package = Path(__file__).parent
+    return (
+        isinstance(error, ValueError | FileNotFoundError)
+        and bool(frames)
+        and package in Path(frames[-1].filename).parents
+    )
 
 
 class _DropTips(logging.Filter):
     """Lightning's advertising tips and bookkeeping notes: not what a first run should print."""
 
-    NOISE = ("💡 Tip:", "Loading `train_dataloader` to estimate")
+    NOISE = ("💡 Tip:", "Loading `train_dataloader` to estimate", "Trainer already configured with model summary")
     # The stop is reported in one line of our own (CLI._report_stop), which names the checkpoint.
     SAID_ELSEWHERE = ("Received SIGTERM", "Bypassing SIGTERM", "Detected KeyboardInterrupt")
 
@@ -275,6 +421,8 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # The data order continues mid-epoch by itself (data.EpochShuffle), which Lightning cannot see.
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    # A resume writes into its own run folder on purpose (runs.py), where the checkpoints already are.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 class CtrlC:
@@ -324,20 +472,16 @@ def main(args=None) -> CLI:
     except SystemExit as exit_:
         if CTRL_C.presses and exit_.code not in (0, None):
             sys.exit(EXIT_SIGINT)
-        if exit_.code == 2 and exit_.__context__ is not None:
-            # jsonargparse printed the usage and its nested message; the gist goes last.
-            moved = _moved_option(sys.argv[1:] if args is None else list(args))
-            sys.stderr.write(f"error: {moved or _parse_error_summary(str(exit_.__context__))}\n")
         raise
     except Exception as error:
         if os.environ.get("RBKL_TRACEBACK"):
             raise
         root = _innermost(error)
-        if root is error:  # raised while running: where it happened matters
+        if root is error and not _refused_by_a_check(root):  # a failure while running: where it happened matters
             traceback.print_exception(error)
-        else:  # a bad setting, wrapped by the config parser: the sentence is what matters
+        else:  # a bad setting, refused by the config parser or by our checks: the sentence is what matters
             sys.stderr.write("(RBKL_TRACEBACK=1 shows the traceback)\n")
-        sys.stderr.write(f"error: {root}\n")
+        sys.stderr.write(f"error: {_explain_error(root)}\n")
         sys.exit(1)
     finally:
         signal.signal(signal.SIGINT, previous)

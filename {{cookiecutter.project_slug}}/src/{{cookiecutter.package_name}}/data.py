@@ -18,16 +18,20 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .lightning_internals import batches_done_in_restarted_epoch
+from .options import at_least
 from .vocabulary import TRAIN_PROMPTS, VAL_PROMPTS
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per line of a .txt file, or per object of a .jsonl file ("prompt" or "text" key)."""
+def read_prompts(path: str | Path, option: str = "prompt file") -> list[str]:
+    """One prompt per line of a .txt file, or per object of a .jsonl file ("prompt" or "text" key).
+
+    `option` names the setting the path came from (`data.train_path`) in the messages.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
+        raise FileNotFoundError(f"{option} {path} does not exist (give the path of a .txt or .jsonl file)")
     if path.suffix not in (".txt", ".jsonl"):
-        raise ValueError(f"prompt file {path} must be .txt (one prompt a line) or .jsonl")
+        raise ValueError(f"{option} {path} must be .txt (one prompt a line) or .jsonl")
     prompts = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -41,7 +45,7 @@ def read_prompts(path: str | Path) -> list[str]:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path}:{number}: expected a JSON object with a 'prompt' or 'text' key") from err
     if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
+        raise ValueError(f"{option} {path} holds no prompts (one prompt a line, blank lines are skipped)")
     return prompts
 
 
@@ -82,8 +86,8 @@ class PromptDataModule(L.LightningDataModule):
                 subsampling hub texts.
         """
         super().__init__()
-        if batch_size < 1 or epoch_repeats < 1:
-            raise ValueError(f"batch_size and epoch_repeats must be >= 1, got {batch_size} and {epoch_repeats}")
+        at_least("data.batch_size", batch_size, 1)
+        at_least("data.epoch_repeats", epoch_repeats, 1)
         lo, hi = prompt_tokens
         if not 1 <= lo <= hi:
             raise ValueError(f"prompt_tokens must be (min, max) with 1 <= min <= max, got {prompt_tokens}")
@@ -109,7 +113,7 @@ class PromptDataModule(L.LightningDataModule):
     def _test_prompts(self) -> list[str]:
         h = self.hparams
         if h.test_path:
-            return read_prompts(h.test_path)
+            return read_prompts(h.test_path, "data.test_path")
         if h.source == "builtin":
             return list(VAL_PROMPTS)
         raise ValueError(
@@ -123,9 +127,9 @@ class PromptDataModule(L.LightningDataModule):
         elif h.source == "file":
             if not h.train_path:
                 raise ValueError("source 'file' needs data.train_path")
-            train = read_prompts(h.train_path)
+            train = read_prompts(h.train_path, "data.train_path")
             if h.val_path:
-                val = read_prompts(h.val_path)
+                val = read_prompts(h.val_path, "data.val_path")
             elif len(train) > h.num_val_prompts:
                 train, val = train[: -h.num_val_prompts], train[-h.num_val_prompts :]
             else:

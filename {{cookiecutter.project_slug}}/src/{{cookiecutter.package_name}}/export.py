@@ -9,6 +9,7 @@ checkpoint's own hyperparameters; neither the reference nor the reward is loaded
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -54,10 +55,21 @@ def untie_adapted_output_embeddings(model: nn.Module) -> None:
     model.config.tie_word_embeddings = False
 
 
+def follow_umask(folder: Path) -> None:
+    """Give the exported files the mode a plain `open` would (safetensors writes 0600 files), so
+    that a group on a shared cluster can read the model as it reads the rest of the folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def export(checkpoint: Path, out_dir: Path) -> Path:
     policy, tokenizer = load_policy(checkpoint)
     policy.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    follow_umask(Path(out_dir))
     return out_dir
 
 

@@ -16,6 +16,7 @@ from .fused_head import fused_token_stats
 from .lm_head import backbone, check_linear_head, output_head
 from .models import (
     build_policy,
+    check_local_folder,
     check_same_vocabulary,
     freeze,
     load_causal_lm,
@@ -52,6 +53,9 @@ class ModelPair:
         lora: LoRA | None = None,
     ) -> ModelPair:
         """Hub names, local folders or builtin:tiny-gpt2; reference and tokenizer default to the policy."""
+        for option, name in {"policy": policy, "reference": reference, "tokenizer": tokenizer}.items():
+            if name is not None:
+                check_local_folder(name, f"model.init_args.{option}")
         loaded_tokenizer = load_tokenizer(tokenizer or policy, trust_remote_code)
         model = build_policy(policy, dtype, trust_remote_code, lora)
         shared = lora is not None and reference is None

@@ -8,6 +8,7 @@ so the offline default trains with no download at all.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,6 +47,17 @@ def tiny_gpt2(vocab_size: int, eos_token_id: int, seed: int, **config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return GPT2LMHeadModel(config)
+
+
+def check_local_folder(name_or_path: str, option: str) -> None:
+    """A name that can only be a path must be there: the hub would answer 'Repo id must be in the form
+    ...' instead of saying that the folder is missing. A hub name is 'name' or 'namespace/name'."""
+    path_like = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    if path_like and not Path(name_or_path).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"{option}: no folder {name_or_path} (a local model is a folder with config.json, as save_pretrained "
+            "writes it; a hub name is 'name' or 'namespace/name')"
+        )
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
-from .checkpoint_state import check_grouped, check_holds, keep_only
+from .checkpoint_state import check_grouped, check_holds, fill_left_out, keep_only
 from .estimators import LOGGED_ESTIMATORS, all_kl_values
 from .grad_variance import GradVarianceProbe
 from .lightning_internals import attached_trainer, plain_hyperparameters, start_next_epoch_afresh
@@ -39,7 +39,7 @@ from .models import freeze
 from .objective import LossParts, Objective, StepOutput, rloo_kl_loss
 from .options import LoRA, Optimization, Sampling, Updates, as_group
 from .random_draws import batch_seed, seeded_draws
-from .rewards import Reward
+from .rewards import Reward, RewardFunction, as_reward
 from .rollout import PromptEncoder, ResponseSampler, Rollout, score_responses
 from .schedules import lr_lambda
 from .token_stats import TokenStats
@@ -58,7 +58,7 @@ class RBKLModule(L.LightningModule):
         policy: str = "builtin:tiny-gpt2",
         reference: str | None = None,
         tokenizer: str | None = None,
-        reward: Reward | None = None,
+        reward: Reward | RewardFunction | None = None,
         dtype: Literal["float32", "bfloat16"] = "float32",
         trust_remote_code: bool = False,
         objective: Objective = DEFAULT_OBJECTIVE,
@@ -72,7 +72,8 @@ class RBKLModule(L.LightningModule):
             policy: the model to fine-tune: hub name, local folder, or builtin:tiny-gpt2[:seed=N].
             reference: the frozen model of the KL term (the teacher, for distillation); default: policy.
             tokenizer: tokenizer name or folder; default: policy.
-            reward: callable (prompts, responses) -> Tensor[N], set by class_path; None: no reward (pure KL).
+            reward: a Reward (prompts, responses) -> Tensor[N], set by class_path, or a TRL-style function
+                reward(prompts, completions, **kwargs) -> list[float] by its dotted path; None: no reward (pure KL).
             dtype: weights of policy and reference: "float32" or "bfloat16".
             trust_remote_code: allow code shipped with a checkpoint to run (off unless you trust it).
             objective: how the loss combines reward and KL (beta, kl_gradient, kl_placement, ...).
@@ -97,6 +98,7 @@ class RBKLModule(L.LightningModule):
         self.automatic_optimization = False
         self.pair = ModelPair.load(policy, reference, tokenizer, dtype, trust_remote_code, self.lora)
         self.policy, self.reference, self.tokenizer = self.pair.policy, self.pair.reference, self.pair.tokenizer
+        reward = as_reward(reward)
         self.reward = freeze(reward) if isinstance(reward, nn.Module) else reward
         self.train()  # every model in eval mode from the start, not only after Lightning's first switch
         s, context = self.sampling, self.pair.context_length()
@@ -157,6 +159,7 @@ class RBKLModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_holds(checkpoint, self.checkpointed_keys())
+        fill_left_out(checkpoint, self.state_dict())
         check_grouped(checkpoint.get("hyper_parameters", {}), self.accepts_flat_checkpoint)
         self.run_seed = checkpoint.get("run_seed", self.run_seed)
 
@@ -173,11 +176,7 @@ class RBKLModule(L.LightningModule):
         # optimization) does not apply here: a plain trainer.fit gets the same sentence as the CLI.
         # A subclass that returns its own callbacks calls super().configure_callbacks() first.
         self.check_trainer(self.trainer)
-        if self.grad_variance is None:
-            return []
-        from .callbacks import GradVariancePlot  # the plot of an opt-in metric comes with the option
-
-        return [GradVariancePlot()]
+        return []
 
     def check_trainer(self, trainer: L.Trainer) -> None:
         """Lightning's own accumulation and clipping do not apply to a module that steps itself."""

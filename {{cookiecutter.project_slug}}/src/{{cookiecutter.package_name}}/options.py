@@ -13,6 +13,7 @@ leaves out take their defaults, not the checkpoint's.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args
 
@@ -223,3 +224,24 @@ def nest_flat_options(hparams: dict[str, Any]) -> tuple[dict[str, Any], list[str
             nested[group] = {**(nested.get(group) or {}), **{name: nested.pop(name) for name in flat}}
             moved += [f"{name} -> {group}.{name}" for name in flat]
     return nested, moved
+
+
+def near_names(name: str, known: set[str] | list[str], n: int = 4) -> list[str]:
+    """The known option names a mistyped `name` was probably meant as, nearest first.
+
+    An option that moved into a group (`model.init_args.beta` -> `...objective.beta`) shares its
+    last part with the new name; a typo is near in spelling, in full or in its last part
+    (`betta` -> `objective.beta`).
+    """
+    known = sorted(known)
+    last = name.rsplit(".", 1)[-1]
+    same_last = [k for k in known if k.rsplit(".", 1)[-1] == last]
+    if same_last:
+        return same_last[:n]
+    near = difflib.get_close_matches(name, known, n=n, cutoff=0.5)
+    if near:
+        return near
+    by_last: dict[str, list[str]] = {}
+    for k in known:
+        by_last.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    return [k for match in difflib.get_close_matches(last, list(by_last), n=n, cutoff=0.6) for k in by_last[match]][:n]

@@ -1,13 +1,15 @@
 """Rewards: callables `(prompts, responses) -> Tensor[N]` of floats, one per response.
 
-Any such callable can be plugged into the module by `class_path` in a config. Rewards receive
-decoded text: a reward model with its own tokenizer re-encodes it (docs/estimators.md §6.7).
+A `Reward` subclass is set by `class_path` in a config; a TRL-style reward function
+`reward(prompts, completions, **kwargs) -> list[float]` by its dotted path
+(`reward: my_rewards.reward`). Rewards receive decoded text: a reward model with its own
+tokenizer re-encodes it (docs/estimators.md §6.7).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +22,42 @@ class Reward(ABC):
 
     @abstractmethod
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor: ...
+
+
+# TRL's reward functions: called with keywords, one float per completion, prompts repeated per completion.
+RewardFunction = Callable[..., Sequence[float | None]]
+
+
+class FunctionReward(Reward):
+    """A TRL-style reward function as a `Reward`: `function(prompts=..., completions=...)`.
+
+    TRL calls its reward functions with keywords (and more of them, which `**kwargs` absorbs), so
+    a function written for TRL's trainers runs unchanged. A None (TRL: "does not apply") is
+    refused like any other non-finite reward.
+    """
+
+    def __init__(self, function: RewardFunction):
+        self.function = function
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
+        values = self.function(prompts=list(prompts), completions=list(responses))
+        return torch.tensor([float("nan") if v is None else float(v) for v in values])
+
+
+def as_reward(reward: Reward | RewardFunction | None) -> Reward | None:
+    """A `Reward` as it is; a plain function wrapped as a `FunctionReward`."""
+    if reward is None or isinstance(reward, Reward):
+        return reward
+    if not callable(reward):
+        raise TypeError(f"reward must be a Reward or a function, got {type(reward).__name__}")
+    return FunctionReward(reward)
+
+
+def reward_config(reward: object) -> object:
+    """What a checkpoint stores of the reward: a function as its dotted path, a class_path config as a dict."""
+    if callable(reward) and hasattr(reward, "__qualname__"):
+        return f"{reward.__module__}.{reward.__qualname__}"
+    return reward.as_dict() if hasattr(reward, "as_dict") else reward
 
 
 def check_rewards(rewards: Tensor, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:

@@ -22,7 +22,6 @@ from it. Lightning's own SLURM requeue is switched off for these runs so that on
 from __future__ import annotations
 
 import argparse
-import difflib
 import hashlib
 import json
 import os
@@ -36,6 +35,7 @@ import yaml
 from rich.progress import Progress
 
 from . import compare_runs
+from .options import near_names
 
 MANIFEST = compare_runs.MANIFEST
 NO_LIGHTNING_REQUEUE = {
@@ -88,10 +88,7 @@ def resolved_config(train: Path, config: Path, overrides: list[str]) -> dict:
 def check_grid_keys(grid: dict[str, list[str]], known: set[str]) -> None:
     for key in grid:
         if key not in known:
-            # An option that moved into a group (model.init_args.beta -> ...objective.beta) first.
-            last = key.rsplit(".", 1)[-1]
-            same_name = [k for k in sorted(known) if k.rsplit(".", 1)[-1] == last and k.startswith("model.")]
-            near = same_name or difflib.get_close_matches(key, sorted(known), n=4, cutoff=0.5)
+            near = near_names(key, known)
             hint = f"; near names: {', '.join(near)}" if near else ""
             raise ValueError(f"--grid {key} is not an option of `train.py fit`{hint}")
 
