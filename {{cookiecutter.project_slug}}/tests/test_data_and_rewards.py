@@ -161,6 +161,7 @@ def test_a_trl_reward_function_is_called_with_keywords_and_checked_like_a_reward
     assert isinstance(reward, FunctionReward) and as_reward(reward) is reward and as_reward(None) is None
     torch.testing.assert_close(reward(["p", "p"], ["a", "b"]), torch.ones(2))
     assert seen == {"prompts": ["p", "p"]}
+    assert reward.name == "only_completions", "the plots name the function, not the wrapper"
     torch.testing.assert_close(as_reward(trl_style)(["x"], ["two words"]), torch.tensor([2.0]))
     with pytest.raises(ValueError, match="non-finite reward nan for prompt '' and response 'b'"):
         check_rewards(as_reward(trl_style)(["a", ""], ["a", "b"]), ["a", ""], ["a", "b"])

@@ -38,6 +38,7 @@ class FunctionReward(Reward):
 
     def __init__(self, function: RewardFunction):
         self.function = function
+        self.name = getattr(function, "__name__", type(function).__name__)  # what a plot calls the reward
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
         values = self.function(prompts=list(prompts), completions=list(responses))
