@@ -24,6 +24,7 @@ PROJECT_FILES = [
     "Makefile",
     "README.md",
     "benchmarks/gpu_checks.sh",
+    "benchmarks/grad_variance.py",
     "benchmarks/samples_per_second.py",
     "benchmarks/sampling.py",
     "benchmarks/step.py",
@@ -47,6 +48,7 @@ PROJECT_FILES = [
 ]
 PACKAGE_MODULES = [
     "__init__",
+    "atomic_files",
     "callbacks",
     "checkpoint_state",
     "cli",
@@ -56,6 +58,7 @@ PACKAGE_MODULES = [
     "estimators",
     "export",
     "fused_head",
+    "grad_variance",
     "kl_report",
     "lightning_internals",
     "lm_head",
@@ -66,6 +69,7 @@ PACKAGE_MODULES = [
     "objective",
     "options",
     "plots",
+    "random_draws",
     "rewards",
     "rollout",
     "runs",
@@ -78,11 +82,13 @@ PACKAGE_MODULES = [
     "vocabulary",
 ]
 TEST_MODULES = [
+    "chaos",
     "conftest",
     "ddp_probe",
     "distributed",
     "tabular_lm",
     "test_callbacks",
+    "test_chaos",
     "test_cli",
     "test_cli_errors",
     "test_compare_runs",
@@ -92,6 +98,7 @@ TEST_MODULES = [
     "test_fused_enumeration",
     "test_fused_head",
     "test_fused_module",
+    "test_grad_variance",
     "test_lightning_internals",
     "test_lora",
     "test_metrics",
