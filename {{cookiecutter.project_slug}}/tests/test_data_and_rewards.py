@@ -188,3 +188,29 @@ def test_a_reward_function_is_stored_as_its_dotted_path():
 def test_near_names_find_typos_and_moved_options(name, near):
     known = {"objective.beta", "objective.kl_gradient", "sampling.max_new_tokens", "policy"}
     assert near_names(name, known)[:1] == near
+
+
+def test_the_data_order_is_dealt_to_the_ranks_in_turn_and_continues_where_a_resume_left_it():
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from {{ cookiecutter.package_name }}.data import EpochShuffle
+
+    n, seed, epoch = 30, 5, 2
+    whole = list(EpochShuffle(n, seed, lambda: epoch, lambda: 0))
+    assert sorted(whole) == list(range(n)), "one process: every item once"
+    # Two ranks: rank r takes items r, r + 2, ... of that order, as Lightning's wrapper would deal it.
+    ranks = [list(EpochShuffle(n, seed, lambda: epoch, lambda: 0, ranks=2, rank=r)) for r in range(2)]
+    wrapped = [
+        list(
+            DistributedSamplerWrapper(
+                EpochShuffle(n, seed, lambda: epoch, lambda: 0), num_replicas=2, rank=r, shuffle=False
+            )
+        )
+        for r in range(2)
+    ]
+    assert ranks == wrapped == [whole[0::2], whole[1::2]]
+    # Resumed after 3 batches of 4 per rank (24 items of the order): each rank continues its own share.
+    for r in range(2):
+        resumed = list(EpochShuffle(n, seed, lambda: epoch, lambda: 24, ranks=2, rank=r))
+        assert resumed == ranks[r][12:], r
+    assert len(EpochShuffle(n, seed, lambda: epoch, lambda: 24, ranks=2, rank=0)) == 15, "a constant length per rank"

@@ -3,12 +3,14 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from distributed import free_port
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -59,16 +61,26 @@ def probes(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_a_resumed_ddp_run_repeats_each_ranks_samples(tmp_path, ddp_run, request):
-    if request.node.callspec.params["ddp_run"]:
-        pytest.skip("the sampling streams do not depend on the head's path: the logits run is enough")
-    ddp_train(tmp_path, False, "--trainer.max_steps=8")  # two batches, then a resume for the other two
-    ddp_train(tmp_path, False, "--ckpt_path", "last")
-    uninterrupted, resumed = probes(ddp_run), probes(tmp_path)
+def test_a_ddp_run_resumed_mid_epoch_repeats_each_ranks_samples(tmp_path):
+    # 2 batches an epoch, 4 optimizer steps each: the step save at 4 lies in the first epoch's middle.
+    options = ["--data.epoch_repeats=2", "--last_checkpoint.every_n_train_steps=4"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    whole.mkdir()
+    ddp_train(whole, False, *options, "--last_checkpoint.save_top_k=-1")  # every step save kept
+    shutil.copytree(whole, resumed)
+    folder = resumed / "logs" / "default" / "version_0" / "checkpoints"
+    middle = folder / "epoch=0-step=4.ckpt"
+    assert torch.load(middle, map_location="cpu", weights_only=False)["global_step"] == 4
+    for other in folder.glob("*.ckpt"):
+        if other != middle:
+            other.unlink()
+    middle.rename(folder / "last.ckpt")  # as a run killed after that save leaves it
+    ddp_train(resumed, False, *options, "--ckpt_path", "last")
+    uninterrupted, again = probes(whole), probes(resumed)
     for rank in range(2):
-        # Each rank draws its own samples: after the resume, from its own stream again.
-        assert resumed[rank]["steps"] == uninterrupted[rank]["steps"][2:], rank
-    assert resumed[0]["policy_sha256"] == uninterrupted[0]["policy_sha256"]
+        # Each rank continues its own share of the data order and its own sampling stream.
+        assert again[rank]["steps"] == uninterrupted[rank]["steps"][1:], rank
+    assert again[0]["policy_sha256"] == again[1]["policy_sha256"] == uninterrupted[0]["policy_sha256"]
 
 
 @pytest.mark.slow

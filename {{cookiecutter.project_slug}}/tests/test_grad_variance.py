@@ -226,7 +226,9 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import datetime
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300)
+    )  # a loaded machine is not a hang
     try:
         metric = GradVarianceStats()
         metric.update(_prompt_rows(PROMPTS[rank::world]))  # uneven shards

@@ -83,6 +83,8 @@ class CLI(ExplicitValuesWin, LightningCLI):
                 "last_checkpoint.save_last": True,
                 "last_checkpoint.save_top_k": 0,
                 "last_checkpoint.save_on_exception": True,
+                # Always last.ckpt, never last-v1.ckpt beside a stale one that --ckpt_path last would find.
+                "last_checkpoint.enable_version_counter": False,
                 # Every run leaves logs/<name>/version_N/metrics.csv and plots/; a config may replace these.
                 "trainer.logger": {"class_path": f"{PACKAGE}.runs.RunLogger", "init_args": {"save_dir": "logs"}},
                 "trainer.callbacks": [

@@ -335,14 +335,14 @@ def print_grad_variance(grid_points: Sequence[Mapping]) -> None:
     if not any(name in row for row in grid_points for name in names):
         return
     print("gradient variance at validation (mean over validations, then over seeds; 95% CI over seeds):")
-    print(f"  {'grid point':<40}" + "".join(f"{name.split('/')[1]:>26}" for name in names))
+    print(f"  {'grid point':<40}" + "".join(f"  {name.split('/')[1]:>30}" for name in names))
     for row in grid_points:
         cells = []
         for name in names:
             entry = row.get(name)
             ci = entry and entry["ci95"]
             cell = "-" if entry is None else f"{entry['mean']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
-            cells.append(f"{cell:>26}")
+            cells.append(f"  {cell:>30}")  # two spaces: an interval never runs into the next column
         print(f"  {row['label']:<40}" + "".join(cells))
 
 

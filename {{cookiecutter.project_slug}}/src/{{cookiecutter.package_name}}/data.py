@@ -15,7 +15,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .lightning_internals import batches_done_in_restarted_epoch
 from .options import at_least
@@ -167,8 +167,13 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         prompts = self.train_prompts * self.hparams.epoch_repeats
-        sampler = EpochShuffle(len(prompts), self.hparams.seed, self._epoch, self._items_done)
+        ranks, rank = self._ranks()
+        sampler = EpochShuffle(len(prompts), self.hparams.seed, self._epoch, self._items_done, ranks, rank)
         return DataLoader(prompts, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=list)
+
+    def _ranks(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
@@ -176,31 +181,40 @@ class PromptDataModule(L.LightningDataModule):
     def _items_done(self) -> int:
         # Resuming mid-epoch: Lightning has restored its loop by the time an epoch's iteration
         # starts, and the order continues after the batches already trained on.
-        return batches_done_in_restarted_epoch(self.trainer) * self.hparams.batch_size
+        # Counted over all ranks: the order is one list dealt to the ranks in turn.
+        return batches_done_in_restarted_epoch(self.trainer) * self.hparams.batch_size * self._ranks()[0]
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_prompts, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=list)
 
     def test_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        ranks, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        ranks, rank = self._ranks()
         sampler = EachOnceSampler(self.test_prompts, num_replicas=ranks, rank=rank)
         return DataLoader(self.test_prompts, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=list)
 
 
-class EpochShuffle(Sampler[int]):
-    """A random order of n items that depends only on (seed, epoch), starting after `done()` items."""
+class EpochShuffle(DistributedSampler):
+    """A random order of n items that depends only on (seed, epoch), dealt to the ranks in turn
+    (item i of the order to rank i % ranks, padded as DistributedSampler pads), continuing after
+    the first `done()` items of the order: a resumed epoch picks up where the checkpoint left it,
+    on every rank. Being a DistributedSampler, Lightning keeps it as it is under DDP (its own
+    wrapper would not know where the order continues).
+    """
 
-    def __init__(self, n: int, seed: int, epoch: Callable[[], int], done: Callable[[], int]):
-        self.n, self.seed, self.epoch, self.done = n, seed, epoch, done
+    def __init__(
+        self, n: int, seed: int, epoch: Callable[[], int], done: Callable[[], int], ranks: int = 1, rank: int = 0
+    ):
+        super().__init__(range(n), num_replicas=ranks, rank=rank, shuffle=False)
+        self.n, self.seed, self.epoch_of, self.done = n, seed, epoch, done
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch())
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch_of())
         order = torch.randperm(self.n, generator=generator).tolist()
-        return iter(order[self.done() :])
+        order += order[: self.total_size - self.n]
+        return iter(order[self.done() + self.rank :: self.num_replicas])
 
     def __len__(self) -> int:
-        return self.n
+        return self.num_samples
 
 
 class EachOnceSampler(DistributedSampler):

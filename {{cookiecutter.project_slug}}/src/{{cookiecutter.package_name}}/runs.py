@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .atomic_files import read_csv, write_csv
@@ -119,7 +120,9 @@ class LastCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Lightning raises SIGTERMException at the end of a batch; anything else may have struck in
         # the middle of one, with some of its optimizer steps taken.
-        if isinstance(exception, SIGTERMException) and self.save_last and self.dirpath is not None:
+        # Only fit has a run to continue (a stopped `test` or `validate` has nothing to resume).
+        wanted = self.save_on_exception and self.save_last and self.dirpath is not None
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING and wanted:
             save_last_now(self, trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
