@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distributed import free_port
+from distributed import free_port, gloo_group
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,6 @@ def test_plots_and_checkpoints_are_written_once(ddp_run):
 
 
 def _generation_worker(rank: int, port: int, synced: bool, sampler: str, out_dir: str) -> None:
-    import datetime
 
     import torch
     import torch.distributed as dist
@@ -126,11 +125,7 @@ def _generation_worker(rank: int, port: int, synced: bool, sampler: str, out_dir
     from {{ cookiecutter.package_name }}.models import load_causal_lm
     from {{ cookiecutter.package_name }}.sampling import sample_fast, sample_responses, sampling_config
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=300)
-    )  # a loaded machine is not a hang
-    try:
+    with gloo_group(rank, 2, port):
         model = load_causal_lm("builtin:tiny-gpt2").eval()
         calls = []
 
@@ -149,8 +144,6 @@ def _generation_worker(rank: int, port: int, synced: bool, sampler: str, out_dir
             samples = sample_responses(model, prompt, mask, 2, sampling_config(10, 0, 0), synced_gpus=synced)
         record = {"forwards": len(calls), "lengths": samples.response_mask.sum(1).tolist()}
         (Path(out_dir) / f"gen{rank}.json").write_text(json.dumps(record))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

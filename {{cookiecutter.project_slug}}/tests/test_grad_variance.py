@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from distributed import free_port
+from distributed import free_port, gloo_group
 from tabular_lm import TabularLM
 
 from {{ cookiecutter.package_name }}.estimators import kl_to_go, masked_token_stats
@@ -223,18 +223,11 @@ PROMPTS = [f"prompt {i}" for i in range(7)]
 
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    import datetime
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300)
-    )  # a loaded machine is not a hang
-    try:
+    with gloo_group(rank, world, port):
         metric = GradVarianceStats()
         metric.update(_prompt_rows(PROMPTS[rank::world]))  # uneven shards
         torch.save({k: v.item() for k, v in metric.compute().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

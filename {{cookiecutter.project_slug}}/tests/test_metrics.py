@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from distributed import free_port
+from distributed import free_port, gloo_group
 
 from {{ cookiecutter.package_name }}.metrics import PromptGroupedStats, group_state, merge_states
 
@@ -99,21 +99,14 @@ def test_empty_metric_reports_nan_and_reset_clears():
 
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    import datetime
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300)
-    )  # a loaded machine is not a hang
-    try:
+    with gloo_group(rank, world, port):
         metric = PromptGroupedStats()
         for i, (values, sizes) in enumerate(zip(grouped(3, BATCHES), BATCHES, strict=True)):
             if i % world == rank:  # uneven shards; a prompt's samples stay on one rank
                 metric.update(values, sizes)
         result = {k: v.item() for k, v in metric.compute().items()}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
