@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from {{ cookiecutter.package_name }}.models import tiny_gpt2
+from {{ cookiecutter.package_name }}.rewards import Reward
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -147,6 +148,14 @@ def make_trainer(root: Path, **overrides) -> L.Trainer:
         "default_root_dir": root,
     }
     return L.Trainer(**{**settings, **overrides})
+
+
+class Characters(Reward):
+    """Differs from sample to sample, so the reward term has a gradient from the first step (a
+    keyword reward can be 0 for every sample, and RB's KL gradient is 0 while policy == reference)."""
+
+    def __call__(self, prompts, responses):
+        return torch.tensor([len(r) / 10 for r in responses])
 
 
 class Gradients(L.Callback):

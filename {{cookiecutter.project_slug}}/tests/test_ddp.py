@@ -120,7 +120,6 @@ def test_plots_and_checkpoints_are_written_once(ddp_run):
 def _generation_worker(rank: int, port: int, synced: bool, sampler: str, out_dir: str) -> None:
 
     import torch
-    import torch.distributed as dist
 
     from {{ cookiecutter.package_name }}.models import load_causal_lm
     from {{ cookiecutter.package_name }}.sampling import sample_fast, sample_responses, sampling_config

@@ -4,13 +4,12 @@ logits, for every architecture, objective and update variant; and refusals in on
 import lightning as L
 import pytest
 import torch
-from conftest import Gradients, save_tiny_causal_lm
+from conftest import Characters, Gradients, save_tiny_causal_lm
 
 from {{ cookiecutter.package_name }}.data import PromptDataModule
 from {{ cookiecutter.package_name }}.module import RBKLModule
 from {{ cookiecutter.package_name }}.objective import Objective
 from {{ cookiecutter.package_name }}.options import LoRA, Optimization, Sampling, Updates
-from {{ cookiecutter.package_name }}.rewards import Reward
 
 PROMPTS = ["the movie was", "a film with", "i loved the", "the acting"]
 
@@ -23,13 +22,6 @@ def folders(tmp_path_factory) -> dict[str, str]:
         saved[arch] = str(save_tiny_causal_lm(root / arch, arch))
         saved[f"{arch}-reference"] = str(save_tiny_causal_lm(root / f"{arch}-reference", arch, seed=1))
     return saved
-
-
-class Characters(Reward):
-    """Differs from sample to sample, so the reward term has a gradient from the first step."""
-
-    def __call__(self, prompts, responses):
-        return torch.tensor([len(r) / 10 for r in responses])
 
 
 def build(folder: str, fused: bool, reference: str | None = None, **groups) -> RBKLModule:
@@ -105,8 +97,11 @@ def test_ppo_epochs_with_clipping_and_micro_batches_take_the_same_steps(folders,
         trainer.fit(module, PromptDataModule(batch_size=4, epoch_repeats=5))
         runs.append(seen.gradients)
     assert len(runs[0]) == len(runs[1]) == 2
+    # Each Adam step starts from weights that already differ by float32 rounding (the fused head sums
+    # its chunks in another order), and Adam's per-coordinate scaling enlarges that: 1.2e-5 was seen
+    # on another CPU's CI run, so 1e-4 for this two-step test.
     for expected, got in zip(*runs, strict=True):
-        assert_relatively_close(got, expected)
+        assert_relatively_close(got, expected, rel=1e-4)
 
 
 def test_a_model_whose_logits_are_not_its_head_is_refused_in_one_sentence(folders):

@@ -12,7 +12,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from distributed import free_port, gloo_group
 from tabular_lm import TabularLM

@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import Gradients
+from conftest import Characters, Gradients
 
 from {{ cookiecutter.package_name }}.data import PromptDataModule
 from {{ cookiecutter.package_name }}.module import RBKLModule
@@ -29,10 +29,10 @@ def logged(trainer: L.Trainer, key: str) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
 
 
-def module(optimization: Optimization | None = None, **groups) -> RBKLModule:
+def module(optimization: Optimization | None = None, reward=None, **groups) -> RBKLModule:
     torch.manual_seed(0)
     return RBKLModule(
-        reward=KeywordReward(["good", "great"]), optimization=optimization or Optimization(lr=1e-2), **groups
+        reward=reward or KeywordReward(["good", "great"]), optimization=optimization or Optimization(lr=1e-2), **groups
     )
 
 
@@ -70,7 +70,8 @@ def test_micro_batches_accumulate_to_the_same_gradient(tiny_trainer):
 @pytest.mark.parametrize("clip", [None, 1e-3])
 def test_gradient_clip_val_bounds_the_norm_of_every_update(tiny_trainer, clip):
     seen = Gradients()
-    fit(tiny_trainer, module(updates=Updates(gradient_clip_val=clip, ppo_epochs=2)), batches=2, callbacks=[seen])
+    clipped = module(updates=Updates(gradient_clip_val=clip, ppo_epochs=2), reward=Characters())
+    fit(tiny_trainer, clipped, batches=2, callbacks=[seen])
     norms = [g.norm().item() for g in seen.gradients]
     assert len(norms) == 4
     if clip is None:
