@@ -11,7 +11,7 @@ import signal as signals
 
 import lightning as L
 
-HOOKS = ("on_train_batch_start", "on_validation_batch_start")
+HOOKS = ("on_train_batch_start", "on_validation_batch_start", "on_validation_end")
 
 
 class KillAt(L.Callback):
@@ -20,7 +20,8 @@ class KillAt(L.Callback):
         Args:
             signal: SIGKILL, SIGTERM or SIGINT.
             step: the global step at which the hook fires it (sanity-check validation never does).
-            hook: on_train_batch_start or on_validation_batch_start.
+            hook: on_train_batch_start, on_validation_batch_start or on_validation_end (after the
+                validation's row is written and before a save that waited for it).
             times: how often it is sent at once (2 x SIGINT: a second Ctrl-C).
         """
         if hook not in HOOKS:
@@ -41,4 +42,8 @@ class KillAt(L.Callback):
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if self.hook == "on_validation_batch_start":
+            self._fire(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.hook == "on_validation_end":
             self._fire(trainer)

@@ -85,12 +85,16 @@ def assert_same_history(expected: list[dict[str, str]], got: list[dict[str, str]
                 )
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    cwd = tmp_path_factory.mktemp("uninterrupted")
-    result = train(cwd)
+def train_uninterrupted(cwd: Path, *args: str) -> Path:
+    cwd.mkdir(exist_ok=True)
+    result = train(cwd, *args)
     assert result.returncode == 0, result.stderr[-4000:]
     return cwd
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    return train_uninterrupted(tmp_path_factory.mktemp("uninterrupted"))
 
 
 @pytest.mark.slow
@@ -136,3 +140,39 @@ def test_a_run_killed_every_way_resumes_to_the_uninterrupted_history(tmp_path, u
         "config.resumed-at-step-4.yaml",
         "config.yaml",
     ]
+
+
+# Two epochs of 8 batches, each batch two optimizer steps: 32 steps, a save due every 2 batches.
+TWO_UPDATES_PER_BATCH = [
+    "--trainer.max_steps=-1",
+    "--trainer.max_epochs=2",
+    "--model.init_args.updates.ppo_epochs=2",
+]
+
+
+@pytest.mark.slow
+def test_an_epoch_based_run_with_two_updates_per_batch_resumes_to_the_same_history(tmp_path):
+    expected = train_uninterrupted(tmp_path / "uninterrupted", *TWO_UPDATES_PER_BATCH)
+    cwd = tmp_path / "killed"
+    cwd.mkdir()
+    deaths = [
+        # Epoch 0's validation has written its row at step 16; the save due at 16 waits for it, so
+        # last.ckpt holds step 12 and the row must go.
+        (kill_at("SIGKILL", 16, "on_validation_end"), 12),
+        (kill_at("SIGKILL", 18), 16),  # from the save taken at epoch 0's validation end
+    ]
+    resume = []
+    for death, saved_step in deaths:
+        result = train(cwd, *TWO_UPDATES_PER_BATCH, *resume, death)
+        assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+        assert checkpoints(cwd)["last.ckpt"]["global_step"] == saved_step
+        resume = ["--ckpt_path", "last"]
+    finished = train(cwd, *TWO_UPDATES_PER_BATCH, *resume)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+
+    want, got = rows(expected), rows(cwd)
+    validations = [r["step"] for r in want if r.get("val/reward/mean")]
+    assert validations == ["16", "32"], "each validation at the optimizer step of the weights it evaluated"
+    assert_same_history(want, got)
+    weights = [checkpoints(run)["last.ckpt"]["state_dict"] for run in (expected, cwd)]
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-6, atol=1e-8)

@@ -7,6 +7,8 @@ renamed or changed one of them: mend lightning_internals.py before widening it.
 import csv
 import dataclasses
 import inspect
+import os
+import signal
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -84,15 +86,28 @@ def test_the_cli_parses_ckpt_path_in_the_method_replaced():
 def test_the_loop_decides_validation_and_holds_sigterm_where_last_checkpoint_reads_them():
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 
-    from {{ cookiecutter.package_name }}.lightning_internals import hold_sigterm, release_sigterm
+    from {{ cookiecutter.package_name }}.lightning_internals import HeldSigterm
 
     assert parameters(_TrainingEpochLoop._should_check_val_fx) == ["self", "data_fetcher"]
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
     assert hasattr(trainer.fit_loop, "_data_fetcher")
-    assert trainer.received_sigterm is False and hold_sigterm(trainer) is False
-    release_sigterm(trainer)
-    assert trainer.received_sigterm is True, "the loops read the flag release_sigterm sets"
-    assert hold_sigterm(trainer) is True and trainer.received_sigterm is False
+    connector = trainer._signal_connector
+    connector.register_signal_handlers()
+    try:
+        held = HeldSigterm(trainer)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert trainer.received_sigterm is False, "noted while held, not acted on"
+        held.release()
+        assert trainer.received_sigterm is True, "Lightning's handler ran at the release: the loops read its flag"
+        held = HeldSigterm(trainer)  # one received before the validation began
+        assert trainer.received_sigterm is False
+        held.release()
+        assert trainer.received_sigterm is True
+        connector.received_sigterm = False
+        HeldSigterm(trainer).release()
+        assert trainer.received_sigterm is False, "nothing received, nothing passed on"
+    finally:
+        connector.teardown()
 
 
 def test_a_checkpoint_holds_the_loop_counters_that_start_next_epoch_afresh_resets():

@@ -215,3 +215,21 @@ def test_a_checkpoint_written_before_the_option_groups_resumes_with_its_options_
     torch.save(saved, checkpoint)
     with pytest.raises(ValueError, match="written before the options were grouped .beta -> objective.beta"):
         RBKLModule.load_from_checkpoint(checkpoint)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_validate_with_143_in_any_batch_and_says_there_is_nothing_to_continue(tmp_path):
+    trained = run(tmp_path, "--trainer.max_steps=2")
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    checkpoint = only_run(tmp_path) / "checkpoints" / "last.ckpt"
+    # A validate run counts no optimizer steps: its global step is 0.
+    for batches in (3, 1):  # mid-validation, and in its last batch (which Lightning would ignore)
+        cmd = [
+            *(sys.executable, str(PROJECT / "train.py"), "validate", "--ckpt_path", str(checkpoint)),
+            *("--trainer.enable_progress_bar=false", "--data.batch_size=2", f"--trainer.limit_val_batches={batches}"),
+            kill_at("SIGTERM", 0, "on_validation_batch_start"),
+        ]
+        stopped = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+        assert stopped.returncode == 143, (batches, stopped.stderr[-3000:])
+        last = stopped.stderr.strip().splitlines()[-1]
+        assert last == "validate stopped by SIGTERM: it has nothing to continue from, run it again", last

@@ -191,9 +191,12 @@ class CLI(ExplicitValuesWin, LightningCLI):
         trainer = getattr(self, "trainer", None)
         if trainer is None or not trainer.is_global_zero:
             return
+        cause = "Ctrl-C" if CTRL_C.presses else "SIGTERM"
+        if self.subcommand != "fit":
+            sys.stderr.write(f"{self.subcommand} stopped by {cause}: it has nothing to continue from, run it again\n")
+            return
         saver = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
         path = Path(saver.dirpath, "last.ckpt") if saver is not None and saver.dirpath else None
-        cause = "Ctrl-C" if CTRL_C.presses else "SIGTERM"
         sys.stderr.write(stop_report(cause, path, self.argv, saved_now=not CTRL_C.stopped_at_once) + "\n")
 
     def _remove_failed_start(self) -> None:
@@ -215,6 +218,17 @@ class CLI(ExplicitValuesWin, LightningCLI):
         # The KL report (callbacks.KLReport) is the table of a test run: Lightning's own would
         # repeat its numbers after it, with a reward of 0.0 where there is none.
         self.trainer.test(**{**kwargs, "verbose": False})
+        self._stop_if_signalled()
+
+    def validate(self, **kwargs) -> None:
+        self.trainer.validate(**kwargs)
+        self._stop_if_signalled()
+
+    def _stop_if_signalled(self) -> None:
+        # Lightning's evaluation loop ignores a SIGTERM (or Ctrl-C) that arrives during its last
+        # batch and returns as if nothing happened: a scheduler would take the run for finished.
+        if self.trainer.received_sigterm:
+            raise SIGTERMException
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

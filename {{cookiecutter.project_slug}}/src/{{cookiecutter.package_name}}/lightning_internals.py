@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -98,16 +100,35 @@ def save_last_now(callback: ModelCheckpoint, trainer: L.Trainer) -> None:
     callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
 
-def hold_sigterm(trainer: L.Trainer) -> bool:
-    """Clears a received SIGTERM, so that the evaluation loop does not stop mid-validation; True if one was held."""
-    connector = trainer._signal_connector
-    held, connector.received_sigterm = connector.received_sigterm, False
-    return held
+class HeldSigterm:
+    """From its creation until `release()`, a SIGTERM (or a first Ctrl-C, which passes one on) is
+    noted and not acted on, so that the evaluation loop does not stop in the middle of a validation;
+    `release()` hands a noted one to Lightning's handler, and the training loop stops at the end of
+    the batch (and saves on the way out).
 
+    Lightning's evaluation loop reads the flag its handler sets after every batch: clearing the flag
+    from a callback leaves a moment between the hook and that check, so the handler is swapped
+    instead, for as long as the validation runs.
+    """
 
-def release_sigterm(trainer: L.Trainer) -> None:
-    """The training loop stops at the end of the current batch, as on a SIGTERM (and saves on the way out)."""
-    trainer._signal_connector.received_sigterm = True
+    def __init__(self, trainer: L.Trainer):
+        self.connector = trainer._signal_connector
+        self.received_before, self.connector.received_sigterm = self.connector.received_sigterm, False
+        self.received_now = False
+        self.lightning_handler = None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.lightning_handler = signal.signal(signal.SIGTERM, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.received_now = True
+
+    def release(self) -> None:
+        if self.lightning_handler is not None:
+            signal.signal(signal.SIGTERM, self.lightning_handler)
+            if self.received_now and callable(self.lightning_handler):
+                self.lightning_handler(signal.SIGTERM, None)
+        if self.received_before or self.received_now:
+            self.connector.received_sigterm = True
 
 
 def start_next_epoch_afresh(checkpoint: dict[str, Any]) -> None:

@@ -43,7 +43,7 @@ from .rewards import Reward, RewardFunction, as_reward
 from .rollout import PromptEncoder, ResponseSampler, Rollout, score_responses
 from .schedules import lr_lambda
 from .token_stats import TokenStats
-from .training_log import log_batch, should_log
+from .training_log import log_batch, should_log, write_to_loggers
 from .updater import Updater
 
 __all__ = ["RBKLModule", "Rollout", "StepOutput"]
@@ -288,10 +288,19 @@ class RBKLModule(L.LightningModule):
         return self.evaluation_step("test", batch, batch_idx, self.sampling.test_samples_per_prompt)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.study("val").compute())
+        self.log_evaluation("val")
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.study("test").compute())
+        self.log_evaluation("test")
+
+    def log_evaluation(self, stage: str) -> None:
+        metrics = self.study(stage).compute()
+        self.log_dict(metrics, logger=False)  # for the callbacks, the progress bar and checkpoint monitors
+        if not self.trainer.sanity_checking:
+            # The row at the optimizer step of the weights it evaluated, the training rows' x-axis
+            # (Lightning's would be a count of batches, less one: another axis with several updates
+            # per batch, and one a resume cannot cut metrics.csv by).
+            write_to_loggers(self, metrics, self.global_step)
 
     def study(self, stage: str) -> EstimatorStudy:
         """The statistics of a stage (train, val, test): updated per step, logged by compute()."""

@@ -27,12 +27,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .atomic_files import read_csv, write_csv
 from .lightning_internals import (
+    HeldSigterm,
     appending_experiment,
     defer_save_to_validation_end,
     every_n_train_steps,
-    hold_sigterm,
     last_saved_step,
-    release_sigterm,
     save_last_now,
     save_step_checkpoint,
     saves_on_a_timer,
@@ -104,14 +103,15 @@ class LastCheckpoint(ModelCheckpoint):
             else:
                 save_step_checkpoint(self, trainer)
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._sigterm_held = getattr(self, "_sigterm_held", False) or hold_sigterm(trainer)
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:  # `validate` alone has no batch end to stop at
+            self._held_sigterm = HeldSigterm(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if getattr(self, "_sigterm_held", False):
-            self._sigterm_held = False
-            release_sigterm(trainer)  # the training loop stops after this batch and saves
+        held, self._held_sigterm = getattr(self, "_held_sigterm", None), None
+        if held is not None:
+            held.release()  # a SIGTERM received meanwhile stops the training loop after this batch
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -235,7 +235,10 @@ def stop_report(cause: str, checkpoint: Path | None, argv: list[str] | None, sav
     """What an interrupted run prints last: the checkpoint that holds it and the command that continues it."""
     if checkpoint is None or not checkpoint.is_file():
         return f"stopped by {cause} before any checkpoint was saved: nothing to continue from, start the run again"
-    step = read_checkpoint(checkpoint)["global_step"]
+    try:
+        step = read_checkpoint(checkpoint)["global_step"]
+    except Exception:  # the report must not hide how the run stopped
+        step = "unreadable"
     if saved_now:
         saved = f"stopped by {cause}, saved {checkpoint} (step {step})"
     else:
@@ -279,17 +282,24 @@ def objective_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[
 def drop_rows_after(metrics_csv: Path, step: int) -> int:
     """Remove the rows of the steps after a checkpoint taken at global step `step`; returns how many.
 
-    Rows carry the global step they were logged at: a training step logs at the count of updates
-    before it, so the steps a checkpoint at `step` holds are the rows 0 .. step - 1 (a run killed
-    after its last checkpoint leaves later ones, which the resumed run writes again).
+    Rows carry the global step they were logged at. A training row logs at the count of updates
+    before its batch, so a checkpoint at `step` holds the training rows 0 .. step - 1; an
+    evaluation row logs at the count of updates it evaluated, and a validation due at `step` ends
+    before the save (runs.LastCheckpoint defers it), so evaluation rows up to `step` belong to
+    the checkpoint. A run killed after its last checkpoint leaves later rows, which the resumed
+    run writes again.
     """
     if not metrics_csv.is_file():
         return 0
     fields, rows = read_csv(metrics_csv)
-    kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
+    kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < step + (not is_training_row(r))]
     if len(kept) < len(rows):
         write_csv(metrics_csv, fields, kept)  # a kill now leaves the old file whole, not a cut one
     return len(rows) - len(kept)
+
+
+def is_training_row(row: Mapping[str, str]) -> bool:
+    return any(value and key.startswith("train/") for key, value in row.items())
 
 
 def warn_objective_changes(changes: list[str]) -> None:

@@ -2,8 +2,9 @@
 
 A batch is logged when its optimizer steps pass a multiple of `log_every_n_steps`, at the step
 at which it was sampled, with the study's statistics of the window since the last row
-(metrics.EstimatorStudy). Validation and test metrics go through `self.log` instead, since
-callbacks read them from `trainer.callback_metrics`.
+(metrics.EstimatorStudy). Validation and test rows are written with `write_to_loggers` too, at the
+step of the weights they evaluated, and go to `trainer.callback_metrics` through `self.log`, where
+the callbacks read them.
 """
 
 from __future__ import annotations
