@@ -92,6 +92,17 @@ def test_the_loop_decides_validation_and_holds_sigterm_where_last_checkpoint_rea
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
     assert hasattr(trainer.fit_loop, "_data_fetcher")
     connector = trainer._signal_connector
+    handled = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: handled.append(signum))
+    try:
+        held = HeldSigterm(trainer)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert handled == [] and signal.getsignal(signal.SIGTERM) == held._note
+        held.release()
+        assert handled == [signal.SIGTERM], "the handler it replaced gets the signal at the release"
+        assert signal.getsignal(signal.SIGTERM) != held._note, "and is put back"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     connector.register_signal_handlers()
     try:
         held = HeldSigterm(trainer)

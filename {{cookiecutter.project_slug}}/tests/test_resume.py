@@ -93,6 +93,7 @@ def test_validate_from_a_checkpoint_through_the_cli_keeps_the_reward(tmp_path):
     runs = sorted((tmp_path / "logs").rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     rows = [r for r in csv.DictReader(runs[-1].open()) if r.get("val/reward/mean")]
     assert rows and float(rows[-1]["val/reward/mean"]) != 0.0
+    assert "val/reward/mean" in result.stdout, "Lightning's table of the validation's results"
 
 
 def test_resuming_last_without_a_checkpoint_is_an_error(tmp_path):

@@ -115,18 +115,19 @@ class HeldSigterm:
         self.connector = trainer._signal_connector
         self.received_before, self.connector.received_sigterm = self.connector.received_sigterm, False
         self.received_now = False
-        self.lightning_handler = None
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        self.swapped = threading.current_thread() is threading.main_thread()  # only there can handlers change
+        if self.swapped:
             self.lightning_handler = signal.signal(signal.SIGTERM, self._note)
 
     def _note(self, signum, frame) -> None:
         self.received_now = True
 
     def release(self) -> None:
-        if self.lightning_handler is not None:
-            signal.signal(signal.SIGTERM, self.lightning_handler)
-            if self.received_now and callable(self.lightning_handler):
-                self.lightning_handler(signal.SIGTERM, None)
+        if self.swapped:
+            handler = self.lightning_handler
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
+            if self.received_now and callable(handler):
+                handler(signal.SIGTERM, None)
         if self.received_before or self.received_now:
             self.connector.received_sigterm = True
 

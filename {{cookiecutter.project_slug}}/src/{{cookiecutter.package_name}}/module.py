@@ -27,6 +27,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from .checkpoint_state import check_grouped, check_holds, fill_left_out, keep_only
@@ -295,12 +296,16 @@ class RBKLModule(L.LightningModule):
 
     def log_evaluation(self, stage: str) -> None:
         metrics = self.study(stage).compute()
-        self.log_dict(metrics, logger=False)  # for the callbacks, the progress bar and checkpoint monitors
-        if not self.trainer.sanity_checking:
+        fitting = self.trainer.state.fn == TrainerFn.FITTING
+        # Callbacks and checkpoint monitors read them from callback_metrics; `validate` and `test`
+        # runs also return them and print Lightning's table.
+        self.log_dict(metrics, logger=not fitting)
+        if fitting and not self.trainer.sanity_checking:
             # The row at the optimizer step of the weights it evaluated, the training rows' x-axis
             # (Lightning's would be a count of batches, less one: another axis with several updates
-            # per batch, and one a resume cannot cut metrics.csv by).
-            write_to_loggers(self, metrics, self.global_step)
+            # per batch, and one by which a resume could not cut metrics.csv). Written at once, as
+            # Lightning writes its own: the save that waits for this validation holds its row.
+            write_to_loggers(self, metrics, self.global_step, flush=True)
 
     def study(self, stage: str) -> EstimatorStudy:
         """The statistics of a stage (train, val, test): updated per step, logged by compute()."""

@@ -104,8 +104,9 @@ class LastCheckpoint(ModelCheckpoint):
                 save_step_checkpoint(self, trainer)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.FITTING:  # `validate` alone has no batch end to stop at
-            self._held_sigterm = HeldSigterm(trainer)
+        # `validate` alone has no batch end to stop at, and the sanity check stops at once anyway.
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        self._held_sigterm = HeldSigterm(trainer) if fitting else None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
@@ -121,6 +122,7 @@ class LastCheckpoint(ModelCheckpoint):
         # Lightning raises SIGTERMException at the end of a batch; anything else may have struck in
         # the middle of one, with some of its optimizer steps taken.
         # Only fit has a run to continue (a stopped `test` or `validate` has nothing to resume).
+        self._held_sigterm = None  # Lightning's teardown puts its own handlers back
         wanted = self.save_on_exception and self.save_last and self.dirpath is not None
         if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING and wanted:
             save_last_now(self, trainer)

@@ -2,9 +2,9 @@
 
 A batch is logged when its optimizer steps pass a multiple of `log_every_n_steps`, at the step
 at which it was sampled, with the study's statistics of the window since the last row
-(metrics.EstimatorStudy). Validation and test rows are written with `write_to_loggers` too, at the
+(metrics.EstimatorStudy). Validation rows of a fit are written with `write_to_loggers` too, at the
 step of the weights they evaluated, and go to `trainer.callback_metrics` through `self.log`, where
-the callbacks read them.
+the callbacks read them; `validate` and `test` runs log through `self.log` alone.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def log_batch(
     module.log_dict(progress, prog_bar=True, logger=False)
 
 
-def write_to_loggers(module: L.LightningModule, metrics: dict[str, Tensor], step: int) -> None:
+def write_to_loggers(module: L.LightningModule, metrics: dict[str, Tensor], step: int, flush: bool = False) -> None:
     """Per-step metrics straight to the loggers (rank 0 writes).
 
     They are global already, and self.log costs ~0.3 ms per key and step: with 40+ keys that
@@ -73,3 +73,5 @@ def write_to_loggers(module: L.LightningModule, metrics: dict[str, Tensor], step
     values["epoch"] = module.current_epoch
     for logger in module.loggers:
         logger.log_metrics(values, step=step)  # the step at which the batch was sampled
+        if flush:
+            logger.save()
