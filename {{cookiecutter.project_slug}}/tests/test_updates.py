@@ -31,9 +31,8 @@ def logged(trainer: L.Trainer, key: str) -> list[tuple[int, float]]:
 
 def module(optimization: Optimization | None = None, reward=None, **groups) -> RBKLModule:
     torch.manual_seed(0)
-    return RBKLModule(
-        reward=reward or KeywordReward(["good", "great"]), optimization=optimization or Optimization(lr=1e-2), **groups
-    )
+    reward = KeywordReward(["good", "great"]) if reward is None else reward
+    return RBKLModule(reward=reward, optimization=optimization or Optimization(lr=1e-2), **groups)
 
 
 def test_every_update_is_a_step_and_the_batch_is_logged_once_at_its_first_step(tiny_trainer):

@@ -294,14 +294,18 @@ def drop_rows_after(metrics_csv: Path, step: int) -> int:
     if not metrics_csv.is_file():
         return 0
     fields, rows = read_csv(metrics_csv)
-    kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < step + (not is_training_row(r))]
+    kept = [r for r in rows if held_by_checkpoint(r, step)]
     if len(kept) < len(rows):
         write_csv(metrics_csv, fields, kept)  # a kill now leaves the old file whole, not a cut one
     return len(rows) - len(kept)
 
 
-def is_training_row(row: Mapping[str, str]) -> bool:
-    return any(value and key.startswith("train/") for key, value in row.items())
+def held_by_checkpoint(row: Mapping[str, str], step: int) -> bool:
+    if not row.get("step"):
+        return True
+    training = any(value and key.startswith("train/") for key, value in row.items())
+    logged_at = int(float(row["step"]))
+    return logged_at < step if training else logged_at <= step
 
 
 def warn_objective_changes(changes: list[str]) -> None:
