@@ -6,6 +6,7 @@ renamed or changed one of them: mend lightning_internals.py before widening it.
 
 import csv
 import dataclasses
+import datetime
 import inspect
 import os
 import signal
@@ -46,6 +47,10 @@ def test_model_checkpoint_still_has_what_step_saves_call():
     callback = ModelCheckpoint(every_n_train_steps=3)
     assert every_n_train_steps(callback) == 3 and not saves_on_a_timer(callback) and last_saved_step(callback) == 0
     assert callback._defer_save_until_validation is False
+    timed = ModelCheckpoint(train_time_interval=datetime.timedelta(minutes=5))
+    assert saves_on_a_timer(timed) and timed._train_time_interval.total_seconds() == 300
+    assert timed._last_time_checked is None  # set by on_train_start, read by train_time_due
+    assert "_last_time_checked = time.monotonic()" in inspect.getsource(ModelCheckpoint.on_train_start)
     assert parameters(ModelCheckpoint._should_skip_saving_checkpoint) == ["self", "trainer"]
     assert parameters(ModelCheckpoint._monitor_candidates) == ["self", "trainer"]
     for name in ("_save_topk_checkpoint", "_save_last_checkpoint"):

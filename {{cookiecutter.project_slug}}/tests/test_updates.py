@@ -1,6 +1,7 @@
 """Several optimizer steps per batch: PPO epochs, minibatches, micro-batches and clipping."""
 
 import csv
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -126,3 +127,13 @@ def test_step_checkpoints_are_due_when_a_batch_passes_a_multiple_of_the_interval
     saves = LastCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=6, save_top_k=-1)
     fit(tiny_trainer, module(updates=Updates(ppo_epochs=4)), batches=3, callbacks=[saves], enable_checkpointing=True)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step=12.ckpt", "step=8.ckpt"]
+
+
+def test_timed_saves_are_taken_at_batch_ends(tiny_trainer, tmp_path):
+    # Lightning's ModelCheckpoint ignores train_time_interval under manual optimization; with an
+    # interval of zero every batch end is due, and the deferral rules apply as to step saves.
+    saves = LastCheckpoint(
+        dirpath=tmp_path / "ckpt", filename="{step}", train_time_interval=timedelta(0), save_top_k=-1
+    )
+    fit(tiny_trainer, module(updates=Updates(ppo_epochs=2)), batches=3, callbacks=[saves], enable_checkpointing=True)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step=2.ckpt", "step=4.ckpt", "step=6.ckpt"]

@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,17 @@ def appending_experiment(logger: CSVLogger) -> ExperimentWriter:
 
 def saves_on_a_timer(callback: ModelCheckpoint) -> bool:
     return callback._train_time_interval is not None
+
+
+def train_time_due(callback: ModelCheckpoint, trainer: L.Trainer) -> bool:
+    """Whether `train_time_interval` has passed since training started or the last timed save, by
+    rank 0's clock (broadcast, as Lightning decides it, so that every rank saves at the same batch).
+    Lightning's own check is skipped under manual optimization: this module's."""
+    interval, last, now = callback._train_time_interval, callback._last_time_checked, time.monotonic()
+    due = trainer.strategy.broadcast(last is not None and now - last >= interval.total_seconds())
+    if due:
+        callback._last_time_checked = now
+    return due
 
 
 def every_n_train_steps(callback: ModelCheckpoint) -> int:

@@ -36,6 +36,7 @@ from .lightning_internals import (
     save_step_checkpoint,
     saves_on_a_timer,
     take_deferred_save,
+    train_time_due,
     validates_after_this_batch,
 )
 from .options import complete_groups, nest_flat_options
@@ -87,17 +88,23 @@ class LastCheckpoint(ModelCheckpoint):
     SIGTERM or Ctrl-C received during validation waits for its end, and an error or a second Ctrl-C
     in the middle of a batch saves nothing (the previous last.ckpt stays, which resumes exactly).
     The module steps its optimizer itself, possibly several times per batch: a save is due when a
-    batch's steps reach a multiple of every_n_train_steps (not only when they land on it).
+    batch's steps reach a multiple of every_n_train_steps (not only when they land on it), and a timed
+    save (train_time_interval) at the first batch end after the interval, which Lightning's own
+    ModelCheckpoint never takes under manual optimization.
     """
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int):
-        if pl_module.automatic_optimization or saves_on_a_timer(self):
+        if pl_module.automatic_optimization:
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        every, start = every_n_train_steps(self), getattr(self, "_step_at_batch_start", trainer.global_step)
-        if every >= 1 and trainer.global_step // every > start // every:
+        if saves_on_a_timer(self):
+            due = train_time_due(self, trainer)
+        else:
+            every, start = every_n_train_steps(self), getattr(self, "_step_at_batch_start", trainer.global_step)
+            due = every >= 1 and trainer.global_step // every > start // every
+        if due:
             if validates_after_this_batch(trainer):
                 defer_save_to_validation_end(self)
             else:
