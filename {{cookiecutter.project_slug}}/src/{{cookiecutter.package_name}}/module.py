@@ -317,7 +317,7 @@ class RBKLModule(L.LightningModule):
         o = self.optimization
         # Only the policy's trainable weights: self.parameters() would include the reference.
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        optimizer = adamw(params, lr=o.lr, weight_decay=o.weight_decay)
         # Lightning estimates batches, capped by max_steps (which counts optimizer steps).
         batches, max_steps = self.trainer.estimated_stepping_batches, self.trainer.max_steps
         total = int(batches) * self.updates_per_batch if batches != float("inf") else None
@@ -325,3 +325,11 @@ class RBKLModule(L.LightningModule):
             total = min(total, max_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, total, o.lr_decay))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def adamw(params: list[torch.Tensor], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per parameter where torch has one (CPU and CUDA): the for-loop
+    and foreach versions allocate temporaries of the weights' size (two per weight, or one of all
+    weights at once), which at a 150k vocabulary made the update the peak of a fused-head step."""
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
