@@ -76,6 +76,7 @@ PACKAGE_MODULES = [
     "sampling",
     "schedules",
     "sweep",
+    "tensor_memory",
     "token_stats",
     "training_log",
     "updater",

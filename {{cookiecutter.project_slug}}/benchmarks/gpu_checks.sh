@@ -30,6 +30,9 @@ part fsdp_lora 180 python train.py fit --config configs/default.yaml --config co
 # (ii) RB vs MC step time and peak memory, float32 and bf16, shapes a and b, both APIs
 part step_fp32 240 python benchmarks/step.py --shapes a,b --pairs 9 --dtype float32
 part step_bf16 240 python benchmarks/step.py --shapes a,b --pairs 9 --dtype bfloat16
+# (ii b) issue 20: the fused LM head vs materialised logits vs a peer k3 step, GPT-2 small and
+# Qwen2-0.5B's shape in bf16 weights
+part step_fused 300 python benchmarks/step.py --api fused --shapes b,q05 --pairs 5 --dtype bfloat16
 # (iii) sampling: fast vs generate on the GPU
 part sampling 120 python benchmarks/sampling.py --pairs 5
 # (iii b) issue 15 item 4: static cache and compiled decode steps (CUDA graphs) against the loop

@@ -19,7 +19,9 @@ order, on the same fixed samples (random-init GPT-2, no download). Two ways to t
 then backward and the AdamW update; with --with-generation the module step also samples the
 responses. Prints, per API, the median rb/mc time ratio and the rb/mc ratio of the step's peak
 memory (above the memory held before the step), and the public rb steps (lean and plain)
-against the module's rb step, as plain lines and as one JSON line.
+against the module's rb step, as plain lines and as one JSON line. On a CPU the peak is the
+resident set's high-water mark, which counts what the allocator keeps and moves between runs, so
+one more untimed step of each is profiled for the "tensor peak": the most bytes tensors held.
 
 `--api fused` times the RB step with `updates.fused_lm_head` (hidden states and LM heads into
 fused_head.py, no [N, R, V] logits) against the same step on materialised logits, and against
@@ -31,6 +33,7 @@ Shapes (random weights, 16 responses x 64 tokens after an 8-token prompt):
     a  GPT-2 2 layers x 256 wide, V 50257: the vocabulary dominates the step
     q  Qwen2 2 layers x 256 wide, grouped-query attention, tied head, V 151936
     b  GPT-2 12 layers x 768 wide, V 50257: GPT-2 small
+    q05  Qwen2-0.5B's shape, V 151936, random weights: for a GPU (about 5 TFLOP a step)
 """
 
 from __future__ import annotations
@@ -49,16 +52,27 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
 from {{ cookiecutter.package_name }}.estimators import kl_grad_surrogate
-from {{ cookiecutter.package_name }}.module import RBKLModule, Rollout
+from {{ cookiecutter.package_name }}.module import RBKLModule, Rollout, adamw
 from {{ cookiecutter.package_name }}.options import Optimization, Sampling
 from {{ cookiecutter.package_name }}.rewards import KeywordReward
 from {{ cookiecutter.package_name }}.sampling import Samples, position_ids, response_mask
+from {{ cookiecutter.package_name }}.tensor_memory import peak_tensor_bytes
 
 GPT2_VOCAB, QWEN2_VOCAB = 50257, 151936
 SHAPES = {
     "a": {"arch": "gpt2", "n_layer": 2, "n_embd": 256, "n_head": 4, "vocab": GPT2_VOCAB},
     "q": {"arch": "qwen2", "n_layer": 2, "n_embd": 256, "n_head": 4, "kv_heads": 1, "vocab": QWEN2_VOCAB},
     "b": {"arch": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12, "vocab": GPT2_VOCAB},
+    # Qwen2-0.5B's shape (24 x 896, 14 heads over 2 key-value heads, MLP 4864, tied head): for a GPU
+    "q05": {
+        "arch": "qwen2",
+        "n_layer": 24,
+        "n_embd": 896,
+        "n_head": 14,
+        "kv_heads": 2,
+        "mlp": 4864,
+        "vocab": QWEN2_VOCAB,
+    },
 }
 RESPONSES, PROMPT_LEN, RESPONSE_LEN, K = 16, 8, 64, 2
 
@@ -78,7 +92,7 @@ def save_random_model(shape: str, folder: Path, vocab: int | None = None) -> int
         config = Qwen2Config(
             vocab_size=vocab,
             hidden_size=spec["n_embd"],
-            intermediate_size=4 * spec["n_embd"],
+            intermediate_size=spec.get("mlp", 4 * spec["n_embd"]),
             num_hidden_layers=spec["n_layer"],
             num_attention_heads=spec["n_head"],
             num_key_value_heads=spec["kv_heads"],
@@ -268,7 +282,7 @@ API_COMPARISONS = {
 
 def measure(module: RBKLModule, rollout: Rollout, first, second, pairs: int, generate: bool) -> dict:
     device = rollout.samples.response.device
-    optimizer = torch.optim.AdamW([p for p in module.policy.parameters() if p.requires_grad], lr=1e-6)
+    optimizer = adamw([p for p in module.policy.parameters() if p.requires_grad], lr=1e-6)  # the module's
 
     def step(which: tuple[str, str]) -> None:
         api, kl_gradient = which
@@ -293,6 +307,10 @@ def measure(module: RBKLModule, rollout: Rollout, first, second, pairs: int, gen
                 times[j].append(time.perf_counter() - start)
             peaks[j].append(mem.peak)
     ratios = [b / a for a, b in zip(times[0], times[1], strict=True)]
+    # One more step of each under the profiler, untimed: what the tensors need, without the allocator.
+    tensor_peaks = [0.0, 0.0]
+    if device.type == "cpu":
+        tensor_peaks = [peak_tensor_bytes(lambda w=which: step(w)) / 2**20 for which in (first, second)]
     return {
         "first": "/".join(first),
         "second": "/".join(second),
@@ -302,6 +320,8 @@ def measure(module: RBKLModule, rollout: Rollout, first, second, pairs: int, gen
         "first_peak_mib": statistics.median(peaks[0]) / 2**20,
         "second_peak_mib": statistics.median(peaks[1]) / 2**20,
         "peak_ratio": statistics.median(peaks[1]) / statistics.median(peaks[0]),
+        "first_tensor_peak_mib": tensor_peaks[0],
+        "second_tensor_peak_mib": tensor_peaks[1],
     }
 
 
@@ -330,15 +350,24 @@ def run_shape(shape: str, args, device: torch.device, comparisons: list[str], vo
             f"{RESPONSES}x{RESPONSE_LEN}) {device} {args.dtype}{' +generation' if args.with_generation else ''} "
             f"{label}: {result['first_step_s'] * 1e3:.0f} -> {result['second_step_s'] * 1e3:.0f} ms, "
             f"time {result['time_ratio']:.3f}; peak {result['first_peak_mib']:.0f} -> "
-            f"{result['second_peak_mib']:.0f} MiB, peak {result['peak_ratio']:.3f}",
+            f"{result['second_peak_mib']:.0f} MiB, peak {result['peak_ratio']:.3f}{tensor_peak_text(result)}",
             flush=True,
         )
     return results
 
 
+def tensor_peak_text(result: dict) -> str:
+    first, second = result["first_tensor_peak_mib"], result["second_tensor_peak_mib"]
+    if not first:  # CUDA: the peak above is already the allocator's count of tensors
+        return ""
+    return f"; tensor peak {first:.0f} -> {second:.0f} MiB, {second / first:.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=None, help="comma-separated: a, q, b (default a,b; with --api fused a,q,b)")
+    parser.add_argument(
+        "--shapes", default=None, help="comma-separated: a, q, b, q05 (default a,b; with --api fused a,q,b)"
+    )
     parser.add_argument("--api", default="both", choices=list(API_COMPARISONS), help="which steps to time")
     parser.add_argument("--pairs", type=int, default=9, help="step pairs per comparison (>= 5)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -49,11 +49,22 @@ def ddp_train(tmp: Path, fused: bool, *args: str) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
+@pytest.fixture(scope="module")
+def ddp_runs() -> dict[bool, Path]:
+    """The DDP run of `ddp_train`, with the statistics from logits (False) and the fused head (True)."""
+    return {}
+
+
+def made(ddp_runs: dict[bool, Path], tmp_path_factory, fused: bool) -> Path:
+    if fused not in ddp_runs:
+        ddp_runs[fused] = tmp_path_factory.mktemp("ddp")
+        ddp_train(ddp_runs[fused], fused)
+    return ddp_runs[fused]
+
+
 @pytest.fixture(scope="module", params=[False, True], ids=["logits", "fused_lm_head"])
-def ddp_run(tmp_path_factory, request) -> Path:
-    tmp = tmp_path_factory.mktemp("ddp")
-    ddp_train(tmp, request.param)
-    return tmp
+def ddp_run(tmp_path_factory, request, ddp_runs) -> Path:
+    return made(ddp_runs, tmp_path_factory, request.param)
 
 
 def probes(run: Path) -> list[dict]:
@@ -105,6 +116,21 @@ def test_logged_metrics_equal_one_process_on_the_union_of_samples(ddp_run):
                 w = groups.var(1, ddof=1).mean()
                 assert float(row[f"{column}/within_prompt_var"]) == pytest.approx(w, rel=1e-5, abs=1e-6)
         assert float(row["train/global_batch"]) == 8 * 2 * 4
+
+
+@pytest.mark.slow
+def test_the_fused_head_takes_the_steps_the_logits_take_under_ddp(ddp_runs, tmp_path_factory):
+    logits, fused = (probes(made(ddp_runs, tmp_path_factory, f)) for f in (False, True))
+    for rank in range(2):
+        assert len(logits[rank]["steps"]) == len(fused[rank]["steps"]) == 4
+        for a, b in zip(logits[rank]["steps"], fused[rank]["steps"], strict=True):
+            # The same samples (weights a float rounding apart sample the same tokens) and the same
+            # KL estimates, after up to 16 optimizer steps on all-reduced gradients of either path.
+            # MC sums 64 sampled log-ratios that cancel to ~1e-3: float32 rounding of each log-prob
+            # leaves ~1e-6 absolute, hence the absolute tolerance.
+            assert a["rewards"] == b["rewards"], rank
+            for key in ("kl/rb", "kl/mc"):
+                np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=f"{key}, rank {rank}")
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from {{ cookiecutter.package_name }}.fused_head import fused_token_stats
+from {{ cookiecutter.package_name }}.tensor_memory import peak_tensor_bytes
 from {{ cookiecutter.package_name }}.token_stats import token_stats
 
 FIELDS = ("logp", "logq", "kl", "entropy")
@@ -122,19 +123,34 @@ def test_a_tied_head_gets_the_gradient_of_both_of_its_uses():
 
 
 @pytest.mark.parametrize("kl_grad", [True, False])
-def test_bf16_autocast_changes_neither_values_nor_gradients(kl_grad):
+def test_under_bf16_autocast_the_head_multiplies_as_the_models_own_head_would(kl_grad):
+    # bf16-mixed: the model's head multiplies in bf16 (its logits bf16, upcast for the statistics),
+    # and so must the fused op, or on a GPU it would run six float32 matmuls against four in bf16.
     gen = torch.Generator().manual_seed(3)
-    hp, wp, bp, hr, wr, br, tokens = case(gen, v=40)
+    hp, wp, bp, hr, wr, br, tokens = case(gen, t=24, h=32, hq=32, v=40)
     upstream = torch.randn(2, *tokens.shape, generator=gen)
-    results = []
-    for autocast in (False, True):
+    results = {}
+    for name, autocast in (("float32", False), ("fused bf16", True), ("logits bf16", True)):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            stats = fused_token_stats(hp, wp, hr, wr, tokens, policy_bias=bp, ref_bias=br, kl_grad=kl_grad)
+            if name.startswith("fused") or not autocast:
+                stats = fused_token_stats(
+                    hp, wp, hr, wr, tokens, policy_bias=bp, ref_bias=br, kl_grad=kl_grad, chunk_rows=16
+                )
+            else:
+                stats = materialised(hp, wp, bp, hr, wr, br, tokens, kl_grad=kl_grad)
         values, grads = values_and_grads(stats, upstream, (hp, wp, bp))
-        results.append(values + list(grads))
-    for plain, autocast in zip(*results, strict=True):
-        assert autocast.dtype == torch.float32
-        torch.testing.assert_close(autocast, plain, rtol=1e-5, atol=1e-5)
+        results[name] = values + list(grads)
+    fused, logits = results["fused bf16"], results["logits bf16"]
+    # The same bf16 logits: the statistics and the hidden states' gradient agree to float32 rounding.
+    for a, b in zip(fused[:5], logits[:5], strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # The weight's and bias's gradients: bf16 products per chunk summed in float32 (fused), one bf16
+    # product of all rows (autograd through the bf16 logits): within bf16 resolution of their scale.
+    for a, b in zip(fused[5:], logits[5:], strict=True):
+        assert (a - b).abs().max() <= 2**-7 * b.abs().max()
+    # ... and not the float32 op, which a fused op that ignored autocast would equal.
+    assert (results["float32"][0] - fused[0]).abs().max() > 1e-2
 
 
 def test_bf16_weights_give_what_their_bf16_logits_give():
@@ -167,3 +183,27 @@ def test_mismatched_shapes_are_clear_errors(change, match):
     args = {"policy_hidden": hp, "policy_weight": wp, "ref_hidden": hr, "ref_weight": wr, "tokens": tokens}
     with pytest.raises(ValueError, match=match):
         fused_token_stats(**change(args))
+
+
+@pytest.mark.parametrize(("softcap", "kl_grad", "buffers"), [(None, True, 2), (None, False, 2), (2.5, True, 3)])
+def test_at_most_two_or_three_chunks_of_logits_are_ever_held(softcap, kl_grad, buffers):
+    # What the op is for: besides the head's [V, H] weight gradient, its peak is a few [rows, V]
+    # chunks (docs/estimators.md §9), not the [B, T, V] logits, and no chunk-sized temporaries.
+    gen = torch.Generator().manual_seed(8)
+    b, t, h, v, rows = 4, 16, 8, 4096, 8
+    hp, wp, bp, hr, wr, br, tokens = case(gen, b=b, t=t, h=h, hq=h, v=v)
+    chunk, weight_grad = rows * v * 4, v * h * 4
+
+    def step(fused: bool):
+        def run():
+            if fused:
+                stats = fused_token_stats(hp, wp, hr, wr, tokens, kl_grad=kl_grad, chunk_rows=rows, softcap=softcap)
+            else:
+                stats = materialised(hp, wp, None, hr, wr, None, tokens, softcap=softcap, kl_grad=kl_grad)
+            torch.autograd.grad((stats.logp + stats.kl).sum(), [hp, wp])
+
+        return run
+
+    # Rows x H tensors (hidden states, their gradient) and per-row numbers come on top: 32 KiB here.
+    assert peak_tensor_bytes(step(fused=True)) <= buffers * chunk + weight_grad + 32 * 1024
+    assert peak_tensor_bytes(step(fused=False)) >= 2 * b * t * v * 4  # the profile sees the logits

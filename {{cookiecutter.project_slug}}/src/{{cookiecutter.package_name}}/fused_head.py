@@ -10,8 +10,10 @@ and backward recomputes each chunk's logits from them (docs/estimators.md §9). 
 reference's hidden width may differ from the policy's (a distillation teacher of another size
 that shares the vocabulary); the reference is never differentiated.
 
-Statistics are float32 (float64 for float64 inputs) with autocast off, as in `token_stats`; the
-matmuls run in the weights' dtype (bf16 weights: bf16 logits, as the model's own head makes).
+Statistics are float32 (float64 for float64 inputs) with autocast off, as in `token_stats`. The
+matmuls run in the dtype the model's own head would use: autocast's (bf16 under `bf16-mixed`) for
+float32 weights when autocast is on, else the weights' dtype (bf16 weights: bf16 logits), each
+with float32 accumulation.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from torch import Tensor
 
 from .token_stats import TokenStats, compute_dtype
 
-# Rows per chunk by default: [rows, V] float32 buffers of 32 MiB. Each chunk reads the whole [V, H]
-# weight (three to six matmuls), so smaller chunks cost time; three such buffers are live at once.
+# Rows per chunk by default: [rows, V] float32 buffers of 32 MiB, two of them live (three in the
+# backward of a soft-capped KL). Each chunk reads the whole [V, H] weight in each of its two to six
+# matmuls, so smaller chunks cost time: at shape a of benchmarks/step.py, 8 MiB chunks took 1.4x
+# the op's time of 32 MiB ones.
 FUSED_CHUNK_ELEMENTS = 1 << 23
 
 
@@ -48,6 +52,8 @@ def fused_token_stats(
     rows = max(1, FUSED_CHUNK_ELEMENTS // policy_weight.shape[0]) if chunk_rows is None else chunk_rows
     if rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {rows}")
+    device = policy_hidden.device.type
+    lowered = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     out = _FusedHead.apply(
         policy_hidden.reshape(batch * length, -1),
         policy_weight,
@@ -59,6 +65,7 @@ def fused_token_stats(
         kl_grad,
         rows,
         (softcap, ref_softcap),
+        lowered,
     )
     logp, logq, kl, entropy = (t.reshape(batch, length) for t in out)
     return TokenStats(logp=logp, logq=logq.detach(), kl=kl if kl_grad else kl.detach(), entropy=entropy.detach())
@@ -93,35 +100,94 @@ def _check(policy_hidden, policy_weight, ref_hidden, ref_weight, tokens, policy_
         raise ValueError(f"tokens must lie in [0, {policy_weight.shape[0]}), the vocabulary")
 
 
-def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, dtype: torch.dtype) -> Tensor:
-    """[rows, V] logits of one chunk in `dtype`; the matmul in the weights' dtype."""
-    x = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).to(dtype)
-    return x if softcap is None else softcap * torch.tanh(x / softcap)
+def _chunk_logits(
+    out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, chunks: _Chunks
+) -> Tensor:
+    """One chunk's logits written into `out` [rows, V]; the matmul in the weights' dtype (through a
+    buffer of that dtype when it is not `out`'s)."""
+    product = chunks.cast(weight.dtype, out.shape[0]) if weight.dtype != out.dtype else out
+    hidden = hidden.to(weight.dtype)
+    if bias is None:
+        torch.mm(hidden, weight.t(), out=product)
+    else:
+        torch.addmm(bias, hidden, weight.t(), out=product)
+    if product is not out:
+        out.copy_(product)
+    return out if softcap is None else out.div_(softcap).tanh_().mul_(softcap)
+
+
+def _logsumexp(logits: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
+    """(log-normaliser, sum of exp(logits - max)) per row, leaving exp(logits - max) in `scratch`:
+    torch.logsumexp would allocate two [rows, V] temporaries of its own."""
+    peak = logits.amax(-1)
+    peak = peak.masked_fill(~torch.isfinite(peak), 0)  # rows of -inf: lse -inf, as torch.logsumexp
+    total = torch.sub(logits, peak[:, None], out=scratch).exp_().sum(-1)
+    return peak + total.log(), total
+
+
+def _dot_rows(a: Tensor, b: Tensor) -> Tensor:
+    """<a_i, b_i> per row, without the [rows, V] product that linalg.vecdot allocates."""
+    return torch.bmm(a[:, None], b[:, :, None]).reshape(-1)
+
+
+class _Chunks:
+    """[rows, V] buffers allocated once per forward or backward and reused by every chunk. Fresh
+    ones per chunk cost page faults, and a heap that keeps the freed ones (glibc does, below its
+    mmap threshold of at most 32 MiB) raises the process's peak by several chunks."""
+
+    def __init__(self, count: int, rows: int, n: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        self.rows, self.n, self.vocab, self.device = max(1, min(rows, n)), n, vocab, device
+        self.buffers = [torch.empty(self.rows, vocab, dtype=dtype, device=device) for _ in range(count)]
+        self.casts: dict[torch.dtype, Tensor] = {}
+        self.weight_product: Tensor | None = None
+
+    def weight_sized(self, like: Tensor, dtype: torch.dtype) -> Tensor:
+        """A [V, H] buffer for one chunk's weight gradient in a lower precision, before its sum in float32."""
+        if self.weight_product is None:
+            self.weight_product = torch.empty(like.shape, dtype=dtype, device=self.device)
+        return self.weight_product
+
+    def cast(self, dtype: torch.dtype, rows: int) -> Tensor:
+        """A buffer for the matmul's product in bf16 (or another weight dtype) before its upcast."""
+        if dtype not in self.casts:
+            self.casts[dtype] = torch.empty(self.rows, self.vocab, dtype=dtype, device=self.device)
+        return self.casts[dtype][:rows]
+
+    def __iter__(self):
+        """(rows of this chunk, each buffer's first rows) for every chunk."""
+        for start in range(0, self.n, self.rows):
+            part = slice(start, min(start + self.rows, self.n))
+            yield part, [buffer[: part.stop - start] for buffer in self.buffers]
 
 
 class _FusedHead(torch.autograd.Function):
-    # Three [rows, V] buffers at a time, forward and backward: x, y and p, the rest in place.
+    # Two [rows, V] buffers reused chunk after chunk (three in the backward of a soft-capped KL):
+    # everything else is written over them in place.
     @staticmethod
-    def forward(ctx, hp, wp, bp, hq, wq, bq, tokens, kl_grad, rows, softcaps):
+    def forward(ctx, hp, wp, bp, hq, wq, bq, tokens, kl_grad, rows, softcaps, lowered):
         softcap, ref_softcap = softcaps
         dtype = compute_dtype(torch.promote_types(hp.dtype, wp.dtype))
+        wp_m, bp_m, wq_m, bq_m = (_lower(t, lowered) for t in (wp, bp, wq, bq))
         n = tokens.shape[0]
         logp, logq, kl, entropy, lse_x, lse_y = (torch.empty(n, dtype=dtype, device=hp.device) for _ in range(6))
         with torch.autocast(hp.device.type, enabled=False):
-            for start in range(0, n, rows):
-                part, token = slice(start, start + rows), tokens[start : start + rows, None]
-                x = _logits(hp[part], wp, bp, softcap, dtype)  # [rows, V]
-                y = _logits(hq[part], wq, bq, ref_softcap, dtype)  # [rows, V]
-                lse_x[part], lse_y[part] = torch.logsumexp(x, -1), torch.logsumexp(y, -1)
+            chunks = _Chunks(2, rows, n, wp.shape[0], dtype, hp.device)
+            for part, (x, p) in chunks:
+                token = tokens[part, None]
+                _chunk_logits(x, hp[part], wp_m, bp_m, softcap, chunks)
+                lse_x[part], total = _logsumexp(x, p)
+                p.div_(total[:, None])  # the policy's next-token probabilities
                 logp[part] = x.gather(-1, token).squeeze(-1) - lse_x[part]
-                logq[part] = y.gather(-1, token).squeeze(-1) - lse_y[part]
-                p = (x - lse_x[part, None]).exp_()
-                px, py = torch.linalg.vecdot(p, x), torch.linalg.vecdot(p, y)
-                kl[part] = px - py - lse_x[part] + lse_y[part]
-                entropy[part] = lse_x[part] - px
-        kl.clamp_(min=0)  # >= 0 exactly; rounding can leave -1e-7, as in token_stats
+                entropy[part] = lse_x[part] - _dot_rows(p, x)
+                y = _chunk_logits(x, hq[part], wq_m, bq_m, ref_softcap, chunks)  # over the policy's logits
+                # KL = <p, x - y> - lse(x) + lse(y) = lse(y) - <p, y> - entropy, as sum_v p_v = 1
+                kl[part] = -_dot_rows(p, y) - entropy[part]
+                logq[part] = y.gather(-1, token).squeeze(-1)
+                lse_y[part] = _logsumexp(y, y)[0]
+        kl.add_(lse_y).clamp_(min=0)  # >= 0 exactly; rounding can leave -1e-7, as in token_stats
+        logq.sub_(lse_y)
         ctx.save_for_backward(hp, wp, bp, hq, wq, bq, tokens, lse_x, lse_y, kl)
-        ctx.kl_grad, ctx.rows, ctx.softcaps, ctx.dtype = kl_grad, rows, softcaps, dtype
+        ctx.kl_grad, ctx.rows, ctx.softcaps, ctx.dtype, ctx.lowered = kl_grad, rows, softcaps, dtype, lowered
         ctx.mark_non_differentiable(logq, entropy)
         return logp, logq, kl, entropy
 
@@ -129,6 +195,8 @@ class _FusedHead(torch.autograd.Function):
     def backward(ctx, g_logp, g_logq, g_kl, g_entropy):
         hp, wp, bp, hq, wq, bq, tokens, lse_x, lse_y, kl = ctx.saved_tensors
         dtype, (softcap, ref_softcap) = ctx.dtype, ctx.softcaps
+        # Cast again rather than kept from forward: a [V, H] copy held between the two.
+        wp_m, bp_m, wq_m, bq_m = (_lower(t, ctx.lowered) for t in (wp, bp, wq, bq))
         use_kl = ctx.kl_grad and g_kl is not None
         a = torch.zeros_like(lse_x) if g_logp is None else g_logp.to(dtype)
         k = g_kl.to(dtype) if use_kl else None
@@ -136,27 +204,45 @@ class _FusedHead(torch.autograd.Function):
         grad_w = torch.zeros(wp.shape, dtype=dtype, device=wp.device) if ctx.needs_input_grad[1] else None
         needs_b = bp is not None and ctx.needs_input_grad[2]
         grad_b = torch.zeros(wp.shape[0], dtype=dtype, device=wp.device) if needs_b else None
+        count = 1 + use_kl + (softcap is not None)
         with torch.autocast(hp.device.type, enabled=False):
-            for start in range(0, tokens.shape[0], ctx.rows):
-                part = slice(start, start + ctx.rows)
+            chunks = _Chunks(count, ctx.rows, tokens.shape[0], wp.shape[0], dtype, hp.device)
+            for part, (x, *free) in chunks:
                 # Recomputed from the saved hidden states and log-normalisers: log p, then p.
-                logp = _logits(hp[part], wp, bp, softcap, dtype).sub_(lse_x[part, None])  # [rows, V]
-                p = logp.exp()
+                _chunk_logits(x, hp[part], wp_m, bp_m, softcap, chunks)
+                lse = lse_x[part, None]
+                # The soft-capped logits stay for the cap's derivative; otherwise log p overwrites them.
+                logp = x.sub_(lse) if softcap is None else torch.sub(x, lse, out=free.pop())
                 # g = a (onehot - p) + k p (log p - log q - kl) = p ((log p - log q - kl) k - a) + a onehot
                 if use_kl:
-                    g = _logits(hq[part], wq, bq, ref_softcap, dtype).sub_(lse_y[part, None])  # log q
-                    g.neg_().add_(logp).sub_(kl[part, None]).mul_(k[part, None]).sub_(a[part, None]).mul_(p)
+                    g = _chunk_logits(free.pop(), hq[part], wq_m, bq_m, ref_softcap, chunks).sub_(lse_y[part, None])
+                    g.neg_().add_(logp).sub_(kl[part, None]).mul_(k[part, None]).sub_(a[part, None])
+                    g.mul_(logp.exp_())
                 else:
-                    g = p.mul_(-a[part, None])
+                    g = logp.exp_().mul_(-a[part, None])
                 g.scatter_add_(-1, tokens[part, None], a[part, None])
-                if softcap is not None:  # d (c tanh(z / c)) / dz = 1 - (x / c)^2, x = log p + lse
-                    g.mul_(logp.add_(lse_x[part, None]).div_(softcap).square_().neg_().add_(1))
+                if softcap is not None:  # d (c tanh(z / c)) / dz = 1 - (x / c)^2 for the capped logits x
+                    g.mul_(x.div_(softcap).square_().neg_().add_(1))
+                g_m = _to_weight_dtype(g, wp_m, chunks)  # the matmuls' dtype, as the head's backward
                 if grad_h is not None:
-                    grad_h[part] = (g.to(wp.dtype) @ wp).to(hp.dtype)
-                if grad_w is not None:
+                    grad_h[part] = g_m @ wp_m
+                if grad_w is not None and g_m is g:
                     grad_w.addmm_(g.T, hp[part].to(dtype))
+                elif grad_w is not None:
+                    grad_w += torch.mm(g_m.T, hp[part].to(g_m.dtype), out=chunks.weight_sized(wp, g_m.dtype))
                 if grad_b is not None:
                     grad_b += g.sum(0)
         grad_w = None if grad_w is None else grad_w.to(wp.dtype)
         grad_b = None if grad_b is None else grad_b.to(bp.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
+
+
+def _to_weight_dtype(g: Tensor, weight: Tensor, chunks: _Chunks) -> Tensor:
+    if g.dtype == weight.dtype:
+        return g
+    return chunks.cast(weight.dtype, g.shape[0]).copy_(g)
+
+
+def _lower(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    """A float32 weight in autocast's dtype, once per forward or backward (autocast casts only float32)."""
+    return t if t is None or dtype is None or t.dtype != torch.float32 else t.to(dtype)
