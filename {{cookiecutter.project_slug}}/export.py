@@ -3,7 +3,7 @@
 LoRA adapters are merged into the base model; the folder loads with `from_pretrained`.
 """
 
-from {{ cookiecutter.package_name }}.export import main
+from {{ cookiecutter.package_name }}.runs.export import main
 
 if __name__ == "__main__":
     main()

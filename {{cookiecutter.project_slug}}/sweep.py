@@ -6,7 +6,7 @@
 import sys
 from pathlib import Path
 
-from {{ cookiecutter.package_name }}.sweep import main
+from {{ cookiecutter.package_name }}.reports.sweep import main
 
 if __name__ == "__main__":
     sys.exit(main(train=Path(__file__).with_name("train.py")))

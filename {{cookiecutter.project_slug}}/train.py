@@ -4,7 +4,7 @@
 `--ckpt_path last` resumes the newest run in place (README "Resuming and interruptions").
 """
 
-from {{ cookiecutter.package_name }}.cli import main
+from {{ cookiecutter.package_name }}.runs.cli import main
 
 if __name__ == "__main__":
     main()

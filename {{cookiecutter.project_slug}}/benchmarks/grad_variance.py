@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from {{ cookiecutter.package_name }}.data import PromptDataModule
-from {{ cookiecutter.package_name }}.module import RBKLModule
-from {{ cookiecutter.package_name }}.options import Sampling, Updates
-from {{ cookiecutter.package_name }}.rewards import VaderSentimentReward
+from {{ cookiecutter.package_name }}.training.data import PromptDataModule
+from {{ cookiecutter.package_name }}.training.module import RBKLModule
+from {{ cookiecutter.package_name }}.training.options import Sampling, Updates
+from {{ cookiecutter.package_name }}.training.rewards import VaderSentimentReward
 
 
 def best_seconds(run, repeats: int) -> float:

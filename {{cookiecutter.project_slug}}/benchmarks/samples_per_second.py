@@ -29,13 +29,13 @@ from step import quiet_trainer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from {{ cookiecutter.package_name }}.data import PromptDataModule
-from {{ cookiecutter.package_name }}.models import load_causal_lm, tiny_gpt2
-from {{ cookiecutter.package_name }}.module import RBKLModule
-from {{ cookiecutter.package_name }}.objective import Objective
-from {{ cookiecutter.package_name }}.options import Optimization, Sampling
-from {{ cookiecutter.package_name }}.rewards import KeywordReward
-from {{ cookiecutter.package_name }}.vocabulary import EOS, TRAIN_PROMPTS, UNK, builtin_tokenizer, vocabulary
+from {{ cookiecutter.package_name }}.kl.objective import Objective
+from {{ cookiecutter.package_name }}.models.loading import load_causal_lm, tiny_gpt2
+from {{ cookiecutter.package_name }}.models.vocabulary import EOS, TRAIN_PROMPTS, UNK, builtin_tokenizer, vocabulary
+from {{ cookiecutter.package_name }}.training.data import PromptDataModule
+from {{ cookiecutter.package_name }}.training.module import RBKLModule
+from {{ cookiecutter.package_name }}.training.options import Optimization, Sampling
+from {{ cookiecutter.package_name }}.training.rewards import KeywordReward
 
 PROMPTS, K, NEW_TOKENS, BETA, LR, WORDS = 8, 4, 12, 0.05, 3e-4, ["good", "great"]
 

@@ -26,8 +26,8 @@ from functools import partial
 
 import torch
 
-from {{ cookiecutter.package_name }}.models import tiny_gpt2
-from {{ cookiecutter.package_name }}.sampling import sample_fast, sample_responses, sampling_config, static_cache
+from {{ cookiecutter.package_name }}.models.loading import tiny_gpt2
+from {{ cookiecutter.package_name }}.models.sampler import sample_fast, sample_responses, sampling_config, static_cache
 
 SHAPES = {
     "tiny-50k": {"vocab": 50257, "n_embd": 64, "n_head": 2},

@@ -51,12 +51,12 @@ import lightning as L
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
-from {{ cookiecutter.package_name }}.estimators import kl_grad_surrogate
-from {{ cookiecutter.package_name }}.module import RBKLModule, Rollout, adamw
-from {{ cookiecutter.package_name }}.options import Optimization, Sampling
-from {{ cookiecutter.package_name }}.rewards import KeywordReward
-from {{ cookiecutter.package_name }}.sampling import Samples, position_ids, response_mask
-from {{ cookiecutter.package_name }}.tensor_memory import peak_tensor_bytes
+from {{ cookiecutter.package_name }}.kl.estimators import kl_grad_surrogate
+from {{ cookiecutter.package_name }}.kl.tensor_memory import peak_tensor_bytes
+from {{ cookiecutter.package_name }}.models.sampler import Samples, position_ids, response_mask
+from {{ cookiecutter.package_name }}.training.module import RBKLModule, Rollout, adamw
+from {{ cookiecutter.package_name }}.training.options import Optimization, Sampling
+from {{ cookiecutter.package_name }}.training.rewards import KeywordReward
 
 GPT2_VOCAB, QWEN2_VOCAB = 50257, 151936
 SHAPES = {

@@ -34,8 +34,8 @@ import torch
 from step import RESPONSES, SHAPES, K, PeakMemory, build_module, fixed_rollout, fixed_samples, quiet_trainer
 from torch.utils.data import DataLoader
 
-from {{ cookiecutter.package_name }}.module import RBKLModule, Rollout
-from {{ cookiecutter.package_name }}.options import LoRA, Updates
+from {{ cookiecutter.package_name }}.training.module import RBKLModule, Rollout
+from {{ cookiecutter.package_name }}.training.options import LoRA, Updates
 
 LORA = LoRA(r=8, target_modules=["c_attn", "c_proj", "c_fc"])
 SETTINGS = {

@@ -26,8 +26,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from {{ cookiecutter.package_name }}.models import tiny_gpt2
-from {{ cookiecutter.package_name }}.rewards import Reward
+from {{ cookiecutter.package_name }}.models.loading import tiny_gpt2
+from {{ cookiecutter.package_name }}.training.rewards import Reward
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -187,7 +187,7 @@ def save_tiny_causal_lm(folder: Path, model_type: str, seed: int = 0) -> Path:
     """A random 2-layer `model_type` model saved with save_pretrained, to load by path as a hub model is."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from {{ cookiecutter.package_name }}.vocabulary import builtin_tokenizer
+    from {{ cookiecutter.package_name }}.models.vocabulary import builtin_tokenizer
 
     tokenizer = builtin_tokenizer()
     if model_type == "gpt2":

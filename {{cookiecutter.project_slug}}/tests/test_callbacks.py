@@ -12,15 +12,15 @@ import pytest
 from conftest import drawn_clashes, make_trainer
 from matplotlib.image import imread
 
-from {{ cookiecutter.package_name }} import plots
-from {{ cookiecutter.package_name }}.callbacks import EstimatorTable, EstimatorVariancePlot, RewardVsKLPlot, SampleTable
-from {{ cookiecutter.package_name }}.data import PromptDataModule
-from {{ cookiecutter.package_name }}.estimators import LOGGED_ESTIMATORS, VALUE_ESTIMATORS
-from {{ cookiecutter.package_name }}.kl_report import MIN_PROMPTS_FOR_POPULATION, build_report, report_markdown
-from {{ cookiecutter.package_name }}.metrics import KL_STATS, kl_key, reward_key, size_key
-from {{ cookiecutter.package_name }}.module import RBKLModule
-from {{ cookiecutter.package_name }}.options import Optimization, Sampling
-from {{ cookiecutter.package_name }}.rewards import KeywordReward, VaderSentimentReward
+from {{ cookiecutter.package_name }}.kl.estimators import LOGGED_ESTIMATORS, VALUE_ESTIMATORS
+from {{ cookiecutter.package_name }}.reports import plots
+from {{ cookiecutter.package_name }}.reports.callbacks import EstimatorTable, EstimatorVariancePlot, RewardVsKLPlot, SampleTable
+from {{ cookiecutter.package_name }}.reports.kl_report import MIN_PROMPTS_FOR_POPULATION, build_report, report_markdown
+from {{ cookiecutter.package_name }}.training.data import PromptDataModule
+from {{ cookiecutter.package_name }}.training.metrics import KL_STATS, kl_key, reward_key, size_key
+from {{ cookiecutter.package_name }}.training.module import RBKLModule
+from {{ cookiecutter.package_name }}.training.options import Optimization, Sampling
+from {{ cookiecutter.package_name }}.training.rewards import KeywordReward, VaderSentimentReward
 
 
 @pytest.fixture(scope="module")

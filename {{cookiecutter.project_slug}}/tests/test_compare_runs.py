@@ -8,8 +8,8 @@ import pytest
 from conftest import drawn_clashes, frontier_line, non_dominated
 from matplotlib.image import imread
 
-from {{ cookiecutter.package_name }} import plots
-from {{ cookiecutter.package_name }}.compare_runs import compare, main, pareto_frontier
+from {{ cookiecutter.package_name }}.reports import plots
+from {{ cookiecutter.package_name }}.reports.compare_runs import compare, main, pareto_frontier
 
 
 def test_frontier_keeps_only_undominated_points():
@@ -34,13 +34,15 @@ def write_run(folder, kl, reward, gradient, beta=0.05, reward_config=None, confi
         f"objective:\n  kl_gradient: {gradient}\n  beta: {beta}\n"
     )  # as RBKLModule writes it
     if reward_config is not None:  # as LightningCLI saves it (the reward is not in hparams.yaml)
-        config = {"model": {"class_path": "{{ cookiecutter.package_name }}.module.RBKLModule", "init_args": {"reward": reward_config}}}
+        config = {
+            "model": {"class_path": "{{ cookiecutter.package_name }}.training.module.RBKLModule", "init_args": {"reward": reward_config}}
+        }
         (folder / config_name).write_text(json.dumps(config))
     return folder
 
 
-VADER = {"class_path": "{{ cookiecutter.package_name }}.rewards.VaderSentimentReward", "init_args": {"include_prompt": True}}
-KEYWORD = {"class_path": "{{ cookiecutter.package_name }}.rewards.KeywordReward", "init_args": {"words": ["good"], "scale": 1.0}}
+VADER = {"class_path": "{{ cookiecutter.package_name }}.training.rewards.VaderSentimentReward", "init_args": {"include_prompt": True}}
+KEYWORD = {"class_path": "{{ cookiecutter.package_name }}.training.rewards.KeywordReward", "init_args": {"words": ["good"], "scale": 1.0}}
 
 
 def test_compare_reports_frontier_shares_and_draws(tmp_path):

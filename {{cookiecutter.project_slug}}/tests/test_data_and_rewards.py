@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from {{ cookiecutter.package_name }}.data import PromptDataModule, read_prompts
-from {{ cookiecutter.package_name }}.options import near_names
-from {{ cookiecutter.package_name }}.rewards import (
+from {{ cookiecutter.package_name }}.training.data import PromptDataModule, read_prompts
+from {{ cookiecutter.package_name }}.training.options import near_names
+from {{ cookiecutter.package_name }}.training.rewards import (
     FunctionReward,
     KeywordReward,
     SentimentClassifierReward,
@@ -120,8 +120,8 @@ def test_hub_source_cuts_reviews_to_2_to_8_tokens(monkeypatch, hf_checkpoints):
 
 
 def test_every_prompt_is_checked_before_the_first_step(tiny_trainer, tmp_path):
-    from {{ cookiecutter.package_name }}.module import RBKLModule
-    from {{ cookiecutter.package_name }}.options import Sampling
+    from {{ cookiecutter.package_name }}.training.module import RBKLModule
+    from {{ cookiecutter.package_name }}.training.options import Sampling
 
     prompts = tmp_path / "train.txt"
     long_prompt = " ".join(["the movie was good and"] * 12)  # 60 words: no room for 12 new tokens
@@ -134,7 +134,7 @@ def test_every_prompt_is_checked_before_the_first_step(tiny_trainer, tmp_path):
 
 
 def test_words_outside_the_vocabulary_are_named_once():
-    from {{ cookiecutter.package_name }}.module import RBKLModule
+    from {{ cookiecutter.package_name }}.training.module import RBKLModule
 
     with pytest.warns(UserWarning, match=r"2 word\(s\) .* read as <unk>: 'qwzx', 'zzyzx'") as record:
         RBKLModule().prompt_encoder.warn_unknown_words(["the camera qwzx", "zzyzx film", "the movie"])
@@ -193,7 +193,7 @@ def test_near_names_find_typos_and_moved_options(name, near):
 def test_the_data_order_is_dealt_to_the_ranks_in_turn_and_continues_where_a_resume_left_it():
     from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
-    from {{ cookiecutter.package_name }}.data import EpochShuffle
+    from {{ cookiecutter.package_name }}.training.data import EpochShuffle
 
     n, seed, epoch = 30, 5, 2
     whole = list(EpochShuffle(n, seed, lambda: epoch, lambda: 0))

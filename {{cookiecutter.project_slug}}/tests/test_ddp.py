@@ -147,8 +147,8 @@ def _generation_worker(rank: int, port: int, synced: bool, sampler: str, out_dir
 
     import torch
 
-    from {{ cookiecutter.package_name }}.models import load_causal_lm
-    from {{ cookiecutter.package_name }}.sampling import sample_fast, sample_responses, sampling_config
+    from {{ cookiecutter.package_name }}.models.loading import load_causal_lm
+    from {{ cookiecutter.package_name }}.models.sampler import sample_fast, sample_responses, sampling_config
 
     with gloo_group(rank, 2, port):
         model = load_causal_lm("builtin:tiny-gpt2").eval()

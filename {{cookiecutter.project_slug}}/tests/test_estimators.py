@@ -6,7 +6,7 @@ import pytest
 import torch
 from tabular_lm import EOS, TabularLM, exact_kl, exact_mean_var
 
-from {{ cookiecutter.package_name }}.estimators import (
+from {{ cookiecutter.package_name }}.kl.estimators import (
     GRADIENT_ESTIMATORS,
     VALUE_ESTIMATORS,
     kl_grad_surrogate,
@@ -284,7 +284,7 @@ def test_masked_positions_never_make_a_gradient_nan(which, poison, estimator):
 
 
 def test_an_rb_surrogate_without_the_pathwise_term_is_refused(models):
-    from {{ cookiecutter.package_name }}.estimators import kl_surrogate, masked_token_stats
+    from {{ cookiecutter.package_name }}.kl.estimators import kl_surrogate, masked_token_stats
 
     p, q = models
     tokens, mask = p.strings()

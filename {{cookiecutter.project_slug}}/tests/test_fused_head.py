@@ -5,9 +5,9 @@ reference of another width, and under bf16 autocast."""
 import pytest
 import torch
 
-from {{ cookiecutter.package_name }}.fused_head import fused_token_stats
-from {{ cookiecutter.package_name }}.tensor_memory import peak_tensor_bytes
-from {{ cookiecutter.package_name }}.token_stats import token_stats
+from {{ cookiecutter.package_name }}.kl.fused_head import fused_token_stats
+from {{ cookiecutter.package_name }}.kl.tensor_memory import peak_tensor_bytes
+from {{ cookiecutter.package_name }}.kl.token_stats import token_stats
 
 FIELDS = ("logp", "logq", "kl", "entropy")
 

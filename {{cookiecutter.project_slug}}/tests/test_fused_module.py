@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import Characters, Gradients, save_tiny_causal_lm
 
-from {{ cookiecutter.package_name }}.data import PromptDataModule
-from {{ cookiecutter.package_name }}.module import RBKLModule
-from {{ cookiecutter.package_name }}.objective import Objective
-from {{ cookiecutter.package_name }}.options import LoRA, Optimization, Sampling, Updates
+from {{ cookiecutter.package_name }}.kl.objective import Objective
+from {{ cookiecutter.package_name }}.training.data import PromptDataModule
+from {{ cookiecutter.package_name }}.training.module import RBKLModule
+from {{ cookiecutter.package_name }}.training.options import LoRA, Optimization, Sampling, Updates
 
 PROMPTS = ["the movie was", "a film with", "i loved the", "the acting"]
 

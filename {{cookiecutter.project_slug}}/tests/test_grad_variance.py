@@ -16,15 +16,15 @@ import torch.multiprocessing as mp
 from distributed import free_port, gloo_group
 from tabular_lm import TabularLM
 
-from {{ cookiecutter.package_name }}.estimators import kl_to_go, masked_token_stats
-from {{ cookiecutter.package_name }}.grad_variance import (
+from {{ cookiecutter.package_name }}.kl.estimators import kl_to_go, masked_token_stats
+from {{ cookiecutter.package_name }}.kl.grad_variance import (
     contrast_generator,
     prompt_grad_variance,
     unit_contrasts,
     update_parts,
 )
-from {{ cookiecutter.package_name }}.metrics import GRAD_VAR_PARTS, RATIOS, GradVarianceStats, grad_var_key
-from {{ cookiecutter.package_name }}.objective import Objective, rloo_kl_loss
+from {{ cookiecutter.package_name }}.kl.objective import Objective, rloo_kl_loss
+from {{ cookiecutter.package_name }}.training.metrics import GRAD_VAR_PARTS, RATIOS, GradVarianceStats, grad_var_key
 
 VOCAB, MAX_LEN, BETA, K = 3, 3, 1.0, 3
 GROUPS = 200  # sampled prompt groups for the estimator's mean
@@ -271,9 +271,9 @@ def test_train_py_logs_the_gradient_variances_with_the_option_on(tmp_path):
 
 def test_without_the_option_nothing_is_measured(tiny_trainer):
     # Imported here, as conftest is above: the DDP workers import this file and need torch only.
-    from {{ cookiecutter.package_name }}.data import PromptDataModule
-    from {{ cookiecutter.package_name }}.module import RBKLModule
-    from {{ cookiecutter.package_name }}.options import Sampling
+    from {{ cookiecutter.package_name }}.training.data import PromptDataModule
+    from {{ cookiecutter.package_name }}.training.module import RBKLModule
+    from {{ cookiecutter.package_name }}.training.options import Sampling
 
     module = RBKLModule(sampling=Sampling(max_new_tokens=4, val_samples_per_prompt=3))
     assert module.grad_variance is None
@@ -286,8 +286,8 @@ def test_without_the_option_nothing_is_measured(tiny_trainer):
 def test_compare_runs_and_the_sweep_summary_report_the_ratios_per_run_and_grid_point(tmp_path):
     from matplotlib.image import imread
 
-    from {{ cookiecutter.package_name }}.compare_runs import compare, grid_point_grad_variance
-    from {{ cookiecutter.package_name }}.plots import gradient_variance
+    from {{ cookiecutter.package_name }}.reports.compare_runs import compare, grid_point_grad_variance
+    from {{ cookiecutter.package_name }}.reports.plots import gradient_variance
 
     ratio, share = grad_var_key("val", "kl_mc_over_kl_rb"), grad_var_key("val", "kl_share_rb")
     runs = []

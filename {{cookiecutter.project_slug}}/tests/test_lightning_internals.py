@@ -16,7 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from {{ cookiecutter.package_name }}.lightning_internals import (
+from {{ cookiecutter.package_name }}.runs.folders import RunLogger
+from {{ cookiecutter.package_name }}.training.lightning_internals import (
     attached_trainer,
     batches_done_in_restarted_epoch,
     every_n_train_steps,
@@ -24,7 +25,6 @@ from {{ cookiecutter.package_name }}.lightning_internals import (
     plain_hyperparameters,
     saves_on_a_timer,
 )
-from {{ cookiecutter.package_name }}.runs import RunLogger
 
 
 def parameters(function) -> list[str]:
@@ -91,7 +91,7 @@ def test_the_cli_parses_ckpt_path_in_the_method_replaced():
 def test_the_loop_decides_validation_and_holds_sigterm_where_last_checkpoint_reads_them():
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 
-    from {{ cookiecutter.package_name }}.lightning_internals import HeldSigterm
+    from {{ cookiecutter.package_name }}.training.lightning_internals import HeldSigterm
 
     assert parameters(_TrainingEpochLoop._should_check_val_fx) == ["self", "data_fetcher"]
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
@@ -127,7 +127,7 @@ def test_the_loop_decides_validation_and_holds_sigterm_where_last_checkpoint_rea
 
 
 def test_a_checkpoint_holds_the_loop_counters_that_start_next_epoch_afresh_resets():
-    from {{ cookiecutter.package_name }}.lightning_internals import start_next_epoch_afresh
+    from {{ cookiecutter.package_name }}.training.lightning_internals import start_next_epoch_afresh
 
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
     loop = trainer.fit_loop.state_dict()

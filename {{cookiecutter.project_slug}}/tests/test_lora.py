@@ -12,11 +12,11 @@ import torch
 from conftest import run_kl_evaluation, run_script, save_tiny_gpt2
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from {{ cookiecutter.package_name }}.data import PromptDataModule
-from {{ cookiecutter.package_name }}.models import load_causal_lm
-from {{ cookiecutter.package_name }}.module import RBKLModule
-from {{ cookiecutter.package_name }}.options import Optimization, Sampling
-from {{ cookiecutter.package_name }}.rewards import KeywordReward
+from {{ cookiecutter.package_name }}.models.loading import load_causal_lm
+from {{ cookiecutter.package_name }}.training.data import PromptDataModule
+from {{ cookiecutter.package_name }}.training.module import RBKLModule
+from {{ cookiecutter.package_name }}.training.options import Optimization, Sampling
+from {{ cookiecutter.package_name }}.training.rewards import KeywordReward
 
 LORA = {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc", "lm_head"]}
 
@@ -157,7 +157,7 @@ def instruct_model(tmp_path_factory):
 
 
 def test_chat_template_formats_prompts_and_any_stop_id_ends_a_response(instruct_model, monkeypatch):
-    from {{ cookiecutter.package_name }} import sampling
+    from {{ cookiecutter.package_name }}.models import sampler as sampling
 
     module = RBKLModule(policy=str(instruct_model), sampling=Sampling(chat_template=True, max_new_tokens=8))
     end = module.tokenizer.convert_tokens_to_ids("<|end|>")

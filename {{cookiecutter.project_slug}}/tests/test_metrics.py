@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 from distributed import free_port, gloo_group
 
-from {{ cookiecutter.package_name }}.metrics import PromptGroupedStats, group_state, merge_states
+from {{ cookiecutter.package_name }}.training.metrics import PromptGroupedStats, group_state, merge_states
 
 # Uneven batches of prompt groups: (group sizes) per batch, sizes from 2 to 9.
 BATCHES = [[2, 2, 2], [5], [9, 3, 4, 2], [7, 7], [3]]

@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
-from {{ cookiecutter.package_name }}.module import RBKLModule
-from {{ cookiecutter.package_name }}.objective import Objective
-from {{ cookiecutter.package_name }}.options import LoRA, Optimization, Sampling, Updates, as_group, nest_flat_options
+from {{ cookiecutter.package_name }}.kl.objective import Objective
+from {{ cookiecutter.package_name }}.training.module import RBKLModule
+from {{ cookiecutter.package_name }}.training.options import LoRA, Optimization, Sampling, Updates, as_group, nest_flat_options
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,7 @@ def test_resuming_last_without_a_checkpoint_is_an_error(tmp_path):
 
 
 def test_a_checkpoint_without_the_policy_weights_is_refused(tmp_path):
-    from {{ cookiecutter.package_name }}.module import RBKLModule
+    from {{ cookiecutter.package_name }}.training.module import RBKLModule
 
     module = RBKLModule()
     with pytest.raises(ValueError, match="lacks .* of the policy's weights"):
@@ -149,8 +149,8 @@ def test_a_failed_start_leaves_no_run_folder_and_a_failed_resume_keeps_its_run(t
 
 
 def test_the_metrics_rewrite_leaves_the_old_file_whole_when_it_dies_before_the_rename(tmp_path, monkeypatch):
-    from {{ cookiecutter.package_name }} import atomic_files
-    from {{ cookiecutter.package_name }}.runs import drop_rows_after
+    from {{ cookiecutter.package_name }}.runs.folders import drop_rows_after
+    from {{ cookiecutter.package_name }}.training import atomic_files
 
     metrics = tmp_path / "metrics.csv"
     metrics.write_text("step,train/reward/mean\n" + "".join(f"{s},0.{s}\n" for s in range(6)))
@@ -170,8 +170,8 @@ def test_the_metrics_rewrite_leaves_the_old_file_whole_when_it_dies_before_the_r
 
 
 def test_a_new_metrics_column_rewrites_the_file_atomically(tmp_path, monkeypatch):
-    from {{ cookiecutter.package_name }} import atomic_files
-    from {{ cookiecutter.package_name }}.lightning_internals import AppendingWriter
+    from {{ cookiecutter.package_name }}.training import atomic_files
+    from {{ cookiecutter.package_name }}.training.lightning_internals import AppendingWriter
 
     writer = AppendingWriter(log_dir=str(tmp_path))
     writer.log_metrics({"train/reward/mean": 0.5}, step=0)
@@ -211,7 +211,7 @@ def test_a_checkpoint_written_before_the_option_groups_resumes_with_its_options_
     assert config["model"]["init_args"]["objective"]["advantage"] == "grpo", "the old checkpoint's, not the default"
     assert [int(r["step"]) for r in train_rows(only_run(tmp_path))] == list(range(5))
     # Loaded from Python, it would build with the defaults and drop its options: refused instead.
-    from {{ cookiecutter.package_name }}.module import RBKLModule
+    from {{ cookiecutter.package_name }}.training.module import RBKLModule
 
     torch.save(saved, checkpoint)
     with pytest.raises(ValueError, match="written before the options were grouped .beta -> objective.beta"):

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from {{ cookiecutter.package_name }}.module import RBKLModule
-from {{ cookiecutter.package_name }}.options import Sampling
-from {{ cookiecutter.package_name }}.sampling import Samples, response_mask, sampling_config
+from {{ cookiecutter.package_name }}.models.sampler import Samples, response_mask, sampling_config
+from {{ cookiecutter.package_name }}.training.module import RBKLModule
+from {{ cookiecutter.package_name }}.training.options import Sampling
 
 PROMPTS = ["this movie was", "a", "i loved the music but the"]  # different lengths: left padding
 
@@ -104,7 +104,7 @@ EXACT_PROMPTS = [[3, 1, 4], [5]]  # left-padded to [[3, 1, 4], [pad, pad, 5]]
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    from {{ cookiecutter.package_name }}.models import tiny_gpt2
+    from {{ cookiecutter.package_name }}.models.loading import tiny_gpt2
 
     model = tiny_gpt2(VOCAB, eos_token_id=0, seed=3, n_positions=16).eval()
     # An untied, larger LM head: distributions far from uniform (top response 0.37 and 0.61),
@@ -161,7 +161,7 @@ def chi_square_p(samples, prompt_index: int, exact: dict) -> float:
 
 
 def draw(sampler: str, model, seed: int):
-    from {{ cookiecutter.package_name }}.sampling import sample_fast, sample_responses
+    from {{ cookiecutter.package_name }}.models.sampler import sample_fast, sample_responses
 
     ids, mask = left_padded(EXACT_PROMPTS)
     torch.manual_seed(seed)
@@ -180,7 +180,7 @@ def test_every_full_response_comes_with_its_exact_probability(tiny_lm, sampler):
 
 
 def test_the_frequency_check_rejects_a_tempered_sampler(tiny_lm, monkeypatch):
-    from {{ cookiecutter.package_name }} import sampling
+    from {{ cookiecutter.package_name }}.models import sampler as sampling
 
     exact_draw = sampling.sample_token
     monkeypatch.setattr(sampling, "sample_token", lambda logits, generator=None: exact_draw(logits / 0.8, generator))
@@ -189,7 +189,7 @@ def test_the_frequency_check_rejects_a_tempered_sampler(tiny_lm, monkeypatch):
 
 
 def test_fast_sampler_logits_equal_the_training_forward_on_a_left_padded_batch(module):
-    from {{ cookiecutter.package_name }}.sampling import sample_fast
+    from {{ cookiecutter.package_name }}.models.sampler import sample_fast
 
     ids, mask = module.encode_prompts(PROMPTS)
     assert not mask[:, 0].all()
@@ -209,7 +209,7 @@ def test_responses_stop_at_any_stop_id():
 
 
 def test_a_static_cache_draws_every_response_with_its_exact_probability(tiny_lm):
-    from {{ cookiecutter.package_name }}.sampling import sample_fast, static_cache
+    from {{ cookiecutter.package_name }}.models.sampler import sample_fast, static_cache
 
     ids, mask = left_padded(EXACT_PROMPTS)
     torch.manual_seed(0)
@@ -221,7 +221,7 @@ def test_a_static_cache_draws_every_response_with_its_exact_probability(tiny_lm)
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["static", "static-compiled"])
 def test_static_cache_logits_equal_the_training_forward_batch_after_batch(compiled):
-    from {{ cookiecutter.package_name }}.sampling import sample_fast
+    from {{ cookiecutter.package_name }}.models.sampler import sample_fast
 
     module = RBKLModule(sampling=Sampling(max_new_tokens=6, decode_cache="static"))
     # The eager backend checks what torch.compile traces, without a C++ toolchain or a GPU.

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from tabular_lm import TabularLM, exact_kl, exact_mean_var
 
-from {{ cookiecutter.package_name }}.estimators import all_kl_values, cross_fitted_alpha, masked_token_stats
-from {{ cookiecutter.package_name }}.kl_report import interval
-from {{ cookiecutter.package_name }}.metrics import PromptGroupedStats
+from {{ cookiecutter.package_name }}.kl.estimators import all_kl_values, cross_fitted_alpha, masked_token_stats
+from {{ cookiecutter.package_name }}.reports.kl_report import interval
+from {{ cookiecutter.package_name }}.training.metrics import PromptGroupedStats
 
 VOCAB, MAX_LEN = 4, 4
 

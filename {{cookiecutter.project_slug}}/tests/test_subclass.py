@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from {{ cookiecutter.package_name }}.data import PromptDataModule
-from {{ cookiecutter.package_name }}.module import RBKLModule
-from {{ cookiecutter.package_name }}.objective import Objective
-from {{ cookiecutter.package_name }}.options import Sampling
+from {{ cookiecutter.package_name }}.kl.objective import Objective
+from {{ cookiecutter.package_name }}.training.data import PromptDataModule
+from {{ cookiecutter.package_name }}.training.module import RBKLModule
+from {{ cookiecutter.package_name }}.training.options import Sampling
 
 
 class LengthTask(RBKLModule):

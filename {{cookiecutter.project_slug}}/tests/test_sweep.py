@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import drawn_clashes, frontier_line, non_dominated
 
-from {{ cookiecutter.package_name }} import compare_runs
-from {{ cookiecutter.package_name }}.compare_runs import MANIFEST, frontier_share, sweep_summary
+from {{ cookiecutter.package_name }}.reports import compare_runs
+from {{ cookiecutter.package_name }}.reports.compare_runs import MANIFEST, frontier_share, sweep_summary
 
 PROJECT = Path(__file__).resolve().parents[1]
 

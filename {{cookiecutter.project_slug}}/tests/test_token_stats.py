@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from {{ cookiecutter.package_name }}.token_stats import token_stats
+from {{ cookiecutter.package_name }}.kl.token_stats import token_stats
 
 
 def naive(policy_logits, ref_logits, tokens):

@@ -7,12 +7,12 @@ import lightning as L
 import pytest
 import torch
 
-from {{ cookiecutter.package_name }}.data import PromptDataModule
-from {{ cookiecutter.package_name }}.module import RBKLModule
-from {{ cookiecutter.package_name }}.objective import Objective
-from {{ cookiecutter.package_name }}.options import Optimization, Sampling
-from {{ cookiecutter.package_name }}.rewards import KeywordReward, Reward
-from {{ cookiecutter.package_name }}.token_stats import token_stats
+from {{ cookiecutter.package_name }}.kl.objective import Objective
+from {{ cookiecutter.package_name }}.kl.token_stats import token_stats
+from {{ cookiecutter.package_name }}.training.data import PromptDataModule
+from {{ cookiecutter.package_name }}.training.module import RBKLModule
+from {{ cookiecutter.package_name }}.training.options import Optimization, Sampling
+from {{ cookiecutter.package_name }}.training.rewards import KeywordReward, Reward
 
 
 def fit(tiny_trainer, module, steps: int, batch_size: int = 8, **trainer_kw) -> L.Trainer:
@@ -128,7 +128,7 @@ class WeightsAtStart(L.Callback):
 def test_training_resumes_from_the_last_checkpoint(tiny_trainer, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from {{ cookiecutter.package_name }}.callbacks import RewardVsKLPlot
+    from {{ cookiecutter.package_name }}.reports.callbacks import RewardVsKLPlot
 
     def trainer(epochs):
         callbacks = [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), RewardVsKLPlot()]

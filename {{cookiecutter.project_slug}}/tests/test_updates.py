@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import Characters, Gradients
 
-from {{ cookiecutter.package_name }}.data import PromptDataModule
-from {{ cookiecutter.package_name }}.module import RBKLModule
-from {{ cookiecutter.package_name }}.objective import Objective
-from {{ cookiecutter.package_name }}.options import Optimization, Sampling, Updates
-from {{ cookiecutter.package_name }}.rewards import KeywordReward
-from {{ cookiecutter.package_name }}.runs import LastCheckpoint
+from {{ cookiecutter.package_name }}.kl.objective import Objective
+from {{ cookiecutter.package_name }}.runs.folders import LastCheckpoint
+from {{ cookiecutter.package_name }}.training.data import PromptDataModule
+from {{ cookiecutter.package_name }}.training.module import RBKLModule
+from {{ cookiecutter.package_name }}.training.options import Optimization, Sampling, Updates
+from {{ cookiecutter.package_name }}.training.rewards import KeywordReward
 
 
 def fit(tiny_trainer, module, batches: int, batch_size: int = 4, **trainer_kw) -> L.Trainer:

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .models import build_policy, load_tokenizer, trained_weight_names
-from .options import LoRA, as_group
+from ..models.loading import build_policy, load_tokenizer, trained_weight_names
+from ..training.options import LoRA, as_group
 
 
 def load_policy(checkpoint: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:

@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
-from .objective import StepOutput
+from ..kl.objective import StepOutput
 from .options import Updates
 from .rollout import Rollout
 

@@ -11,10 +11,11 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from .estimators import masked_stats, masked_token_stats
-from .fused_head import fused_token_stats
+from ..kl.estimators import masked_stats, masked_token_stats
+from ..kl.fused_head import fused_token_stats
+from ..kl.token_stats import TokenStats
 from .lm_head import backbone, check_linear_head, output_head
-from .models import (
+from .loading import (
     build_policy,
     check_local_folder,
     check_same_vocabulary,
@@ -24,9 +25,8 @@ from .models import (
     output_vocab_size,
     trained_weight_names,
 )
-from .options import LoRA
-from .sampling import Samples, position_ids
-from .token_stats import TokenStats
+from .lora import LoRA
+from .sampler import Samples, position_ids
 
 # fused_lm_head None: the fused op once one micro-batch's float32 response logits would pass this.
 FUSED_HEAD_AUTO_BYTES = 1 << 30

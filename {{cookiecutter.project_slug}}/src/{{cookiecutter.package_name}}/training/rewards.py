@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .models import freeze
+from ..models.loading import freeze
 
 
 class Reward(ABC):

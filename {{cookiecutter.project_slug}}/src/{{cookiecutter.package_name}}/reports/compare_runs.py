@@ -1,7 +1,7 @@
 """Compare finished runs on the reward-KL plane and find the Pareto frontier.
 
     compare-runs logs/sweep/version_* --output comparison
-    python -m {{ cookiecutter.package_name }}.compare_runs logs/*/version_*/metrics.csv
+    python -m {{ cookiecutter.package_name }}.reports.compare_runs logs/*/version_*/metrics.csv
     compare-runs logs/beta_sweep                 # a sweep folder (sweep.py): intervals over seeds
 
 Each run is a folder with `metrics.csv` (and the `hparams.yaml` Lightning writes beside it), or the
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ..runs.folders import newest_config
+from ..training.metrics import RATIOS, grad_var_key, kl_key, reward_key
 from . import plots
 from .kl_report import interval
-from .metrics import RATIOS, grad_var_key, kl_key, reward_key
-from .runs import newest_config
 
 KL_KEY, REWARD_KEY = kl_key("val", "rb", "mean"), reward_key("val", "mean")
 MANIFEST = "manifest.json"  # written by sweep.py in a sweep folder

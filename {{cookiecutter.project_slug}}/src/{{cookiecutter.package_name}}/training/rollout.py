@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from ..models.sampler import Samples, sample_fast, sample_responses, sampling_config, static_cache
 from .options import Sampling
 from .rewards import Reward, check_rewards
-from .sampling import Samples, sample_fast, sample_responses, sampling_config, static_cache
 
 
 @dataclass

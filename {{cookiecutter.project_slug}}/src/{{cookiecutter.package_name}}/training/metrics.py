@@ -27,11 +27,12 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from ..kl.grad_variance import GRAD_VAR_PARTS
+
 # Statistics logged for every KL estimator and stage.
 KL_STATS = ("mean", "within_prompt_var", "within_prompt_var_sem", "sem_prompts", "sem_within", "neg_frac")
 STAGES = ("train", "val", "test")
 # Gradient variances per prompt (grad_variance.py), in the column order of GradVarianceStats.
-GRAD_VAR_PARTS = ("kl_mc", "kl_rb", "reward", "total_mc", "total_rb")
 # Ratios of mean gradient variances: MC's KL part over RB's, and the KL part's share of each total.
 RATIOS = {
     "kl_mc_over_kl_rb": ("kl_mc", "kl_rb"),

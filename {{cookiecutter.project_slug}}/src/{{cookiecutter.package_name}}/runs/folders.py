@@ -25,8 +25,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .atomic_files import read_csv, write_csv
-from .lightning_internals import (
+from ..training.atomic_files import read_csv, write_csv
+from ..training.lightning_internals import (
     HeldSigterm,
     appending_experiment,
     defer_save_to_validation_end,
@@ -39,7 +39,7 @@ from .lightning_internals import (
     train_time_due,
     validates_after_this_batch,
 )
-from .options import complete_groups, nest_flat_options
+from ..training.options import complete_groups, nest_flat_options
 
 # Settings whose change between the checkpoint and the resumed run changes what is optimised
 # (a group's name covers all its fields).

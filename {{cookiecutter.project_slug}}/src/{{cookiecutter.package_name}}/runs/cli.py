@@ -27,12 +27,12 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .data import PromptDataModule
-from .lightning_internals import ExplicitValuesWin
-from .module import RBKLModule
-from .options import near_names, option_groups
-from .rewards import reward_config
-from .runs import (
+from ..training.data import PromptDataModule
+from ..training.lightning_internals import ExplicitValuesWin
+from ..training.module import RBKLModule
+from ..training.options import near_names, option_groups
+from ..training.rewards import reward_config
+from .folders import (
     LastCheckpoint,
     UnreadableCheckpoint,
     drop_rows_after,
@@ -46,7 +46,7 @@ from .runs import (
     warn_objective_changes,
 )
 
-PACKAGE = __name__.rpartition(".")[0]
+PACKAGE = __name__.split(".")[0]
 EXIT_SIGTERM, EXIT_SIGINT = 128 + signal.SIGTERM, 128 + signal.SIGINT
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 HELP = (
@@ -86,17 +86,22 @@ class CLI(ExplicitValuesWin, LightningCLI):
                 # Always last.ckpt, never last-v1.ckpt beside a stale one that --ckpt_path last would find.
                 "last_checkpoint.enable_version_counter": False,
                 # Every run leaves logs/<name>/version_N/metrics.csv and plots/; a config may replace these.
-                "trainer.logger": {"class_path": f"{PACKAGE}.runs.RunLogger", "init_args": {"save_dir": "logs"}},
+                "trainer.logger": {
+                    "class_path": f"{PACKAGE}.runs.folders.RunLogger",
+                    "init_args": {"save_dir": "logs"},
+                },
                 "trainer.callbacks": [
-                    {"class_path": f"{PACKAGE}.display.RunProgressBar"},
-                    {"class_path": f"{PACKAGE}.display.RunModelSummary"},
+                    {"class_path": f"{PACKAGE}.runs.display.RunProgressBar"},
+                    {"class_path": f"{PACKAGE}.runs.display.RunModelSummary"},
                     {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"},
-                    {"class_path": f"{PACKAGE}.callbacks.RewardVsKLPlot"},
-                    {"class_path": f"{PACKAGE}.callbacks.EstimatorVariancePlot"},
-                    {"class_path": f"{PACKAGE}.callbacks.GradVariancePlot"},  # draws once track_grad_variance logs
-                    {"class_path": f"{PACKAGE}.callbacks.EstimatorTable"},
-                    {"class_path": f"{PACKAGE}.callbacks.SampleTable"},
-                    {"class_path": f"{PACKAGE}.callbacks.KLReport"},
+                    {"class_path": f"{PACKAGE}.reports.callbacks.RewardVsKLPlot"},
+                    {"class_path": f"{PACKAGE}.reports.callbacks.EstimatorVariancePlot"},
+                    {
+                        "class_path": f"{PACKAGE}.reports.callbacks.GradVariancePlot"
+                    },  # draws once track_grad_variance logs
+                    {"class_path": f"{PACKAGE}.reports.callbacks.EstimatorTable"},
+                    {"class_path": f"{PACKAGE}.reports.callbacks.SampleTable"},
+                    {"class_path": f"{PACKAGE}.reports.callbacks.KLReport"},
                 ],
             }
         )
@@ -407,7 +412,7 @@ def _refused_by_a_check(error: BaseException) -> bool:
     """A ValueError or FileNotFoundError raised in this package: one of its checks, whose message
     names the setting (a failure inside torch or a user's own code keeps its traceback)."""
     frames = traceback.extract_tb(error.__traceback__)
-    package = Path(__file__).parent
+    package = Path(__file__).parents[1]
     return (
         isinstance(error, ValueError | FileNotFoundError)
         and bool(frames)

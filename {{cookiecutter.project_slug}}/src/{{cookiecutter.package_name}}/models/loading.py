@@ -7,14 +7,13 @@ so the offline default trains with no download at all.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from .options import LoRA
+from .lora import LoRA, apply_lora
 from .vocabulary import builtin_tokenizer
 
 BUILTIN_PREFIX = "builtin:"
@@ -138,38 +137,3 @@ def trained_weight_names(policy: nn.Module, lora: bool) -> list[str]:
     if not lora:
         return list(policy.state_dict())
     return [name for name, p in policy.named_parameters() if p.requires_grad]
-
-
-def apply_lora(model: nn.Module, settings: LoRA) -> nn.Module:
-    """Wrap `model` in a peft LoRA adapter: only the adapter trains; the adapter off is the base model."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = settings.target_modules
-    config = LoraConfig(
-        r=settings.r,
-        lora_alpha=2 * settings.r if settings.alpha is None else settings.alpha,
-        target_modules=list(targets) if isinstance(targets, list | tuple) else targets,
-        lora_dropout=0.0,
-        task_type="CAUSAL_LM",
-    )
-    try:
-        with warnings.catch_warnings():
-            # GPT-2's Conv1D layers: peft switches fan_in_fan_out on itself and says so; and a
-            # transformers deprecation that peft, not the user, has to act on.
-            warnings.filterwarnings("ignore", message=".*fan_in_fan_out")
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            # An adapter on a tied LM head adapts the output only; export.py unties before merging.
-            warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*ensure_weight_tying")
-            return get_peft_model(model, config)
-    except ValueError as error:
-        if "target_modules" not in str(error) and "Target modules" not in str(error):
-            raise
-        layers = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if _adaptable(m)})
-        raise ValueError(
-            f"lora target_modules {targets!r} match no layer of the policy; its linear layers are named "
-            f"{', '.join(layers)}"
-        ) from None
-
-
-def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear | nn.Embedding) or type(module).__name__ == "Conv1D"

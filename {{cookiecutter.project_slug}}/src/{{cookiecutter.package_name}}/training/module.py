@@ -30,21 +30,21 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
+from ..kl.estimators import LOGGED_ESTIMATORS, all_kl_values
+from ..kl.objective import LossParts, Objective, StepOutput, rloo_kl_loss
+from ..kl.token_stats import TokenStats
+from ..models.loading import freeze
+from ..models.pair import ModelPair
 from .checkpoint_state import check_grouped, check_holds, fill_left_out, keep_only
-from .estimators import LOGGED_ESTIMATORS, all_kl_values
-from .grad_variance import GradVarianceProbe
+from .grad_probe import GradVarianceProbe
 from .lightning_internals import attached_trainer, plain_hyperparameters, start_next_epoch_afresh
+from .log import log_batch, should_log, write_to_loggers
 from .metrics import STAGES, EstimatorStudy
-from .model_pair import ModelPair
-from .models import freeze
-from .objective import LossParts, Objective, StepOutput, rloo_kl_loss
 from .options import LoRA, Optimization, Sampling, Updates, as_group
 from .random_draws import batch_seed, seeded_draws
 from .rewards import Reward, RewardFunction, as_reward
 from .rollout import PromptEncoder, ResponseSampler, Rollout, score_responses
 from .schedules import lr_lambda
-from .token_stats import TokenStats
-from .training_log import log_batch, should_log, write_to_loggers
 from .updater import Updater
 
 __all__ = ["RBKLModule", "Rollout", "StepOutput"]

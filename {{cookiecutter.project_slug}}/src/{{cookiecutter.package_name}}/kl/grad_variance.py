@@ -20,21 +20,15 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .estimators import kl_surrogate, leave_one_out_mean, masked_token_stats
-from .metrics import GRAD_VAR_PARTS
+from .estimators import kl_surrogate, leave_one_out_mean
 from .token_stats import TokenStats
 
-if TYPE_CHECKING:  # the estimator itself needs torch only (the DDP test's workers import it)
-    from .model_pair import ModelPair
-    from .rollout import Rollout
-    from .sampling import Samples
-
-# The three parts differentiated; the five reported (metrics.GRAD_VAR_PARTS) add the totals.
+# The three parts differentiated; the five reported add the totals.
+GRAD_VAR_PARTS = ("kl_mc", "kl_rb", "reward", "total_mc", "total_rb")
 GRADIENT_PARTS = ("reward", "kl_mc", "kl_rb")
 _TOTALS = {"total_mc": ("reward", "kl_mc"), "total_rb": ("reward", "kl_rb")}
 
@@ -97,40 +91,3 @@ def _flat_gradient(surrogate: Tensor, params: Sequence[Tensor]) -> Tensor:
 def contrast_generator(step: int, prompt: str) -> torch.Generator:
     """Seeded by the step and the prompt's text: a prompt gets the same contrasts on any DDP rank."""
     return torch.Generator().manual_seed(zlib.crc32(f"{step}\n{prompt}".encode()))
-
-
-class GradVarianceProbe:
-    """Each prompt's five within-prompt gradient variances at the policy's current weights.
-
-    The statistics are recomputed from materialised logits of one prompt's k responses at a time
-    (never in place: each contrast backpropagates through the same graph), so the cost is one
-    forward and 3 x `contrasts` backward passes of k rows per prompt.
-    """
-
-    def __init__(self, pair: ModelPair, beta: float, contrasts: int | None = None):
-        self.pair, self.beta, self.contrasts = pair, beta, contrasts
-
-    def trained_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.pair.policy.parameters() if p.requires_grad]
-
-    def stats(self, samples: Samples) -> TokenStats:
-        policy_logits = self.pair.response_logits(self.pair.policy, samples)
-        ref_logits = self.pair.reference_logits(samples)
-        return masked_token_stats(policy_logits, ref_logits, samples.response, samples.response_mask, kl_grad=True)
-
-    def __call__(self, rollout: Rollout, step: int) -> Tensor:
-        """[n, 5]: one row per prompt of the rollout, columns GRAD_VAR_PARTS."""
-        k, params = rollout.group_size, self.trained_parameters()
-        count = self.contrasts or k - 1
-        rows = []
-        # Lightning evaluates in inference mode; indexing the rollout gives ordinary tensors.
-        with torch.inference_mode(False), torch.enable_grad():
-            for i, prompt in enumerate(rollout.prompts):
-                group = rollout.select(torch.tensor([i]))
-                parts = update_parts(
-                    self.stats(group.samples), group.samples.response_mask, group.rewards, k, self.beta
-                )
-                rows.append(
-                    prompt_grad_variance(parts, params, unit_contrasts(k, count, contrast_generator(step, prompt)))
-                )
-        return torch.stack(rows)

@@ -13,8 +13,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from ..kl.objective import Objective
 from .metrics import EstimatorStudy, kl_key, reward_key
-from .objective import Objective
 from .rollout import Rollout
 from .updater import BatchUpdate
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import yaml
 from rich.progress import Progress
 
+from ..training.options import near_names
 from . import compare_runs
-from .options import near_names
 
 MANIFEST = compare_runs.MANIFEST
 NO_LIGHTNING_REQUEUE = {

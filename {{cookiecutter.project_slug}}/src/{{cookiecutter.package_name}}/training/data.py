@@ -17,9 +17,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..models.vocabulary import TRAIN_PROMPTS, VAL_PROMPTS
 from .lightning_internals import batches_done_in_restarted_epoch
 from .options import at_least
-from .vocabulary import TRAIN_PROMPTS, VAL_PROMPTS
 
 
 def read_prompts(path: str | Path, option: str = "prompt file") -> list[str]:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from transformers import Cache, GenerationConfig, PreTrainedModel, StaticCache
 
-from .models import unwrap_peft
+from .loading import unwrap_peft
 
 # Generation settings and the value that leaves the policy's distribution untouched.
 NEUTRAL_SETTINGS = {

@@ -17,6 +17,8 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args
 
+from ..models.lora import LoRA
+
 SamplerName = Literal["fast", "hf"]
 DecodeCache = Literal["dynamic", "static"]
 LrDecay = Literal["constant", "linear", "cosine"]
@@ -153,33 +155,6 @@ class Optimization:
             raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
 
 
-@dataclass(frozen=True)
-class LoRA:
-    """A peft LoRA adapter: only the adapter trains, and with no reference named the reference is
-    the policy with its adapter off (one model in memory).
-
-    Args:
-        r: rank of the adapter.
-        alpha: scale numerator (None: 2 r).
-        target_modules: names of the layers to adapt, or a peft keyword such as "all-linear" (None:
-            peft's choice for the architecture).
-        dropout: must be 0: dropout would make the training forward disagree with the sampling one.
-    """
-
-    r: int = 8
-    alpha: float | None = None
-    target_modules: list[str] | str | None = None
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        at_least("lora r", self.r, 1)
-        if self.dropout != 0:
-            # docs/estimators.md §6.2
-            raise ValueError(
-                f"lora dropout must be 0: the KL estimators need the sampling distribution, got {self.dropout}"
-            )
-
-
 Group = TypeVar("Group")
 
 
@@ -200,7 +175,7 @@ def as_group(cls: type[Group], value: Group | dict[str, Any] | None, name: str) 
 
 def option_groups() -> dict[str, type]:
     """The groups of `RBKLModule`'s options by argument name (LoRA aside: None is meaningful)."""
-    from .objective import Objective  # the objective's group lives with the loss it configures
+    from ..kl.objective import Objective  # the objective's group lives with the loss it configures
 
     return {"objective": Objective, "sampling": Sampling, "updates": Updates, "optimization": Optimization}
 

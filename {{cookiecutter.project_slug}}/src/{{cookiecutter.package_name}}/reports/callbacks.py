@@ -16,10 +16,10 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
 
+from ..kl.estimators import LOGGED_ESTIMATORS
+from ..training.metrics import KL_STATS, grad_var_key, kl_key, ratio_key
 from . import plots
-from .estimators import LOGGED_ESTIMATORS
 from .kl_report import build_report, report_markdown
-from .metrics import KL_STATS, grad_var_key, kl_key, ratio_key
 
 
 def run_directory(trainer: L.Trainer) -> Path:

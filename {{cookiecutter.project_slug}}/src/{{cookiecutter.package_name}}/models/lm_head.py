@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .models import unwrap_peft
+from .loading import unwrap_peft
 
 
 class Head(NamedTuple):

@@ -25,7 +25,8 @@ from matplotlib.text import Annotation, Text
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import Bbox
 
-from .metrics import GRAD_VAR_PARTS, grad_var_key, kl_key, reward_key, size_key
+from ..kl.grad_variance import GRAD_VAR_PARTS
+from ..training.metrics import grad_var_key, kl_key, reward_key, size_key
 
 FIGSIZE, DPI = (6.4, 4.8), 100  # PNGs are 640 x 480 pixels
 COLORS = {

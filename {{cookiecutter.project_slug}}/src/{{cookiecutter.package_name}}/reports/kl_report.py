@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from scipy import stats
 
-from .metrics import kl_key, ratio_key, size_key
+from ..training.metrics import kl_key, ratio_key, size_key
 
 # Below this many prompts the population interval is flagged as not to be trusted. Its width
 # rests on the spread of n per-prompt means: at n = 20 the sample SD lies within [0.68, 1.31] of

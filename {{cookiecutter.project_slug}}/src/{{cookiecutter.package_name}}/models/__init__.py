@@ -1,0 +1,1 @@
+"""The Hugging Face side: loading, the vocabulary, the LM head, the policy/reference pair, the sampler."""

@@ -1,0 +1,1 @@
+"""Runs: the command line, run folders and the last-checkpoint logic, export."""
