@@ -77,16 +77,17 @@ PACKAGE_MODULES = [
     "training/atomic_files",
     "training/checkpoint_state",
     "training/data",
+    "training/evaluation",
     "training/grad_probe",
     "training/lightning_internals",
     "training/log",
     "training/metrics",
     "training/module",
+    "training/optimizer",
     "training/options",
     "training/random_draws",
     "training/rewards",
     "training/rollout",
-    "training/schedules",
     "training/updater",
 ]
 TEST_MODULES = [

@@ -54,7 +54,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausa
 from {{ cookiecutter.package_name }}.kl.estimators import kl_grad_surrogate
 from {{ cookiecutter.package_name }}.kl.tensor_memory import peak_tensor_bytes
 from {{ cookiecutter.package_name }}.models.sampler import Samples, position_ids, response_mask
-from {{ cookiecutter.package_name }}.training.module import RBKLModule, Rollout, adamw
+from {{ cookiecutter.package_name }}.training.module import RBKLModule, Rollout
+from {{ cookiecutter.package_name }}.training.optimizer import adamw
 from {{ cookiecutter.package_name }}.training.options import Optimization, Sampling
 from {{ cookiecutter.package_name }}.training.rewards import KeywordReward
 

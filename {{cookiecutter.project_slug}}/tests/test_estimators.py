@@ -284,7 +284,8 @@ def test_masked_positions_never_make_a_gradient_nan(which, poison, estimator):
 
 
 def test_an_rb_surrogate_without_the_pathwise_term_is_refused(models):
-    from {{ cookiecutter.package_name }}.kl.estimators import kl_surrogate, masked_token_stats
+    from {{ cookiecutter.package_name }}.kl.estimators import kl_surrogate
+    from {{ cookiecutter.package_name }}.kl.token_stats import masked_token_stats
 
     p, q = models
     tokens, mask = p.strings()

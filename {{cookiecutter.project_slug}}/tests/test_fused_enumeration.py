@@ -7,9 +7,9 @@ import torch
 from tabular_lm import TabularLM
 from test_objective import BETA, MAX_LEN, VOCAB, K, pairs, reward_of, target_gradient
 
-from {{ cookiecutter.package_name }}.kl.estimators import masked_stats
 from {{ cookiecutter.package_name }}.kl.fused_head import fused_token_stats
 from {{ cookiecutter.package_name }}.kl.objective import Objective, rloo_kl_loss
+from {{ cookiecutter.package_name }}.kl.token_stats import masked_stats
 
 
 def one_hot_hidden(model: TabularLM, tokens: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from distributed import free_port, gloo_group
 from tabular_lm import TabularLM
 
-from {{ cookiecutter.package_name }}.kl.estimators import kl_to_go, masked_token_stats
+from {{ cookiecutter.package_name }}.kl.estimators import kl_to_go
 from {{ cookiecutter.package_name }}.kl.grad_variance import (
     contrast_generator,
     prompt_grad_variance,
@@ -24,6 +24,7 @@ from {{ cookiecutter.package_name }}.kl.grad_variance import (
     update_parts,
 )
 from {{ cookiecutter.package_name }}.kl.objective import Objective, rloo_kl_loss
+from {{ cookiecutter.package_name }}.kl.token_stats import masked_token_stats
 from {{ cookiecutter.package_name }}.training.metrics import GRAD_VAR_PARTS, RATIOS, GradVarianceStats, grad_var_key
 
 VOCAB, MAX_LEN, BETA, K = 3, 3, 1.0, 3

@@ -10,8 +10,8 @@ import pytest
 import torch
 from tabular_lm import TabularLM, exact_kl
 
-from {{ cookiecutter.package_name }}.kl.estimators import masked_token_stats
 from {{ cookiecutter.package_name }}.kl.objective import Objective, group_advantage, leave_one_out_mean, rloo_kl_loss
+from {{ cookiecutter.package_name }}.kl.token_stats import masked_token_stats
 
 VOCAB, MAX_LEN, BETA, K = 4, 3, 0.5, 2
 

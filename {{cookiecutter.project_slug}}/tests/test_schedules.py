@@ -4,8 +4,8 @@ import math
 
 import pytest
 
+from {{ cookiecutter.package_name }}.training.optimizer import lr_lambda
 from {{ cookiecutter.package_name }}.training.options import Optimization
-from {{ cookiecutter.package_name }}.training.schedules import lr_lambda
 
 
 def test_warmup_then_constant():

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from tabular_lm import TabularLM, exact_kl, exact_mean_var
 
-from {{ cookiecutter.package_name }}.kl.estimators import all_kl_values, cross_fitted_alpha, masked_token_stats
+from {{ cookiecutter.package_name }}.kl.estimators import all_kl_values, cross_fitted_alpha
+from {{ cookiecutter.package_name }}.kl.token_stats import masked_token_stats
 from {{ cookiecutter.package_name }}.reports.kl_report import interval
 from {{ cookiecutter.package_name }}.training.metrics import PromptGroupedStats
 

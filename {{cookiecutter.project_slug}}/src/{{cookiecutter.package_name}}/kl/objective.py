@@ -38,7 +38,6 @@ from torch import Tensor
 
 from .estimators import (
     GRADIENT_ESTIMATORS,
-    all_kl_values,
     check_estimator,
     kl_surrogate,
     kl_values,
@@ -121,22 +120,6 @@ class LossParts:
     policy_gradient: Tensor  # scalar, the advantage part of the loss (detached)
     advantage: Tensor  # [N] detached
     clip_fraction: Tensor  # scalar, share of samples whose advantage term is clipped
-
-
-@dataclass
-class StepOutput:
-    """What one step computes at the current weights (`RBKLModule.model_step`)."""
-
-    stats: TokenStats  # per-token statistics
-    values: dict[str, Tensor]  # every logged KL estimator per sample, detached, [N] each
-    loss: LossParts | None  # None when the step computes no loss (validation)
-
-    @classmethod
-    def joined(cls, pieces: list[StepOutput], mask: Tensor, group_size: int) -> StepOutput:
-        """The statistics of consecutive pieces of one batch as one (detached, no loss); every
-        estimate is recomputed over the whole batch (cv_opt fits its alpha on the other prompts)."""
-        stats = TokenStats.cat([piece.stats for piece in pieces]).detach()
-        return cls(stats, all_kl_values(stats, mask, group_size), None)
 
 
 def rloo_kl_loss(

@@ -31,7 +31,7 @@ flattened, so a strided view such as `model(ids).logits[:, P - 1 : -1]` is never
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -211,3 +211,83 @@ def token_stats(
     )
     # The outputs are views of one buffer, which mark_non_differentiable does not cover.
     return TokenStats(logp=logp, logq=logq.detach(), kl=kl if kl_grad else kl.detach(), entropy=ent.detach())
+
+
+# -- validated and masked: what every caller uses --------------------------------------------
+
+
+def check_inputs(policy_logits: Tensor, ref_logits: Tensor, tokens: Tensor, mask: Tensor) -> None:
+    """Raise a clear error for shapes, dtypes or ids that would otherwise broadcast or misindex."""
+    if policy_logits.dim() != 3:
+        raise ValueError(f"policy_logits must be [B, T, V], got shape {tuple(policy_logits.shape)}")
+    if ref_logits.shape != policy_logits.shape:
+        what = "vocabulary sizes" if ref_logits.shape[:-1] == policy_logits.shape[:-1] else "shapes"
+        raise ValueError(
+            f"policy_logits and ref_logits {what} differ: {tuple(policy_logits.shape)} vs "
+            f"{tuple(ref_logits.shape)}; policy and reference must share one vocabulary"
+        )
+    if not policy_logits.is_floating_point() or not ref_logits.is_floating_point():
+        raise TypeError("policy_logits and ref_logits must be floating point tensors")
+    if tokens.shape != policy_logits.shape[:-1] or mask.shape != tokens.shape:
+        raise ValueError(
+            f"tokens {tuple(tokens.shape)} and mask {tuple(mask.shape)} must both be [B, T] = "
+            f"{tuple(policy_logits.shape[:-1])}"
+        )
+    if tokens.dtype != torch.long:
+        raise TypeError(f"tokens must be torch.long, got {tokens.dtype}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be torch.bool, got {mask.dtype}")
+    vocab = policy_logits.shape[-1]
+    live = tokens[mask]
+    if live.numel() and (live.min() < 0 or live.max() >= vocab):
+        raise ValueError(f"tokens under the mask must lie in [0, {vocab}), the vocabulary")
+
+
+def masked_token_stats(
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    *,
+    kl_grad: bool = True,
+    chunk_rows: int | None = None,
+    inplace: bool = False,
+) -> TokenStats:
+    """`token_stats` after validation, with padding zeroed so it never changes a result.
+
+    Masked positions never change a value or a gradient, whatever their logits (-inf, NaN).
+    """
+    check_inputs(policy_logits, ref_logits, tokens, mask)
+    return masked_stats(
+        lambda safe: token_stats(
+            policy_logits, ref_logits, safe, kl_grad=kl_grad, chunk_rows=chunk_rows, inplace=inplace
+        ),
+        tokens,
+        mask,
+    )
+
+
+def masked_stats(compute: Callable[[Tensor], TokenStats], tokens: Tensor, mask: Tensor) -> TokenStats:
+    """`compute(tokens)` with padding tokens replaced by a valid id, checked, and zeroed on padding."""
+    # Padding may hold any id (GPT-2 pads with EOS, others with -100): replace it by a valid one.
+    stats = compute(tokens.masked_fill(~mask, 0))
+    _check_finite(stats, mask)
+    zero = torch.zeros((), dtype=stats.kl.dtype, device=mask.device)
+    return TokenStats(
+        logp=torch.where(mask, stats.logp, zero),
+        logq=torch.where(mask, stats.logq, zero),
+        kl=torch.where(mask, stats.kl, zero),
+        entropy=torch.where(mask, stats.entropy, zero),
+    )
+
+
+def _check_finite(stats: TokenStats, mask: Tensor) -> None:
+    # NaN or +inf logits poison the log-normaliser and hence logp/logq; -inf logits are allowed
+    # (masked vocabulary) unless the sampled token has zero probability.
+    if not torch.isfinite(stats.logp[mask]).all() or not torch.isfinite(stats.logq[mask]).all():
+        raise ValueError(
+            "non-finite log-probabilities: the logits contain NaN/inf, or a sampled token has "
+            "zero probability under the policy or the reference"
+        )
+    if not torch.isfinite(stats.kl[mask]).all():
+        raise ValueError("infinite KL: the reference gives zero probability to a token the policy can sample")

@@ -7,13 +7,15 @@ the reference and the reward are rebuilt from the config.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from ..kl.estimators import masked_stats, masked_token_stats
 from ..kl.fused_head import fused_token_stats
-from ..kl.token_stats import TokenStats
+from ..kl.token_stats import TokenStats, masked_stats, masked_token_stats
 from .lm_head import backbone, check_linear_head, output_head
 from .loading import (
     build_policy,
@@ -75,9 +77,20 @@ class ModelPair:
             if model is not None:
                 check_linear_head(model)
 
-    def fuses(self, fused: bool | None, rows: int) -> bool:
-        """fused_lm_head for `rows` response positions: as set, or None: when their float32 logits
-        would pass FUSED_HEAD_AUTO_BYTES and both heads are linear."""
+    def fuses(self, fused: bool | None, rows: int, sharded: bool = False) -> bool:
+        """The one place the fused-head choice is made (fused_head.py): `fused` as set, or None: on
+        when `rows` response positions' float32 logits would pass FUSED_HEAD_AUTO_BYTES and both
+        heads are linear. `sharded` (FSDP) holds the head's weight in shards: never fused there."""
+        if sharded:
+            if fused:
+                raise ValueError(
+                    "updates.fused_lm_head needs the LM head's whole weight, which FSDP shards: set "
+                    "model.init_args.updates.fused_lm_head: false (or leave it unset)"
+                )
+            return False
+        if fused and not self._linear_heads:
+            self.check_linear_heads()  # refuses a head the op cannot stand in for
+            self._linear_heads = True
         if fused is not None:
             return fused
         if rows * output_vocab_size(self.policy) * 4 <= FUSED_HEAD_AUTO_BYTES:
@@ -107,48 +120,47 @@ class ModelPair:
         """The policy's state-dict keys a checkpoint holds: all of them, or with LoRA only the adapter's."""
         return trained_weight_names(self.policy, self.lora)
 
-    def response_logits(self, model: nn.Module, samples: Samples) -> Tensor:
-        """[N, R, V] logits at the positions that produced each response token."""
+    @contextmanager
+    def reference_model(self) -> Iterator[nn.Module]:
+        """The reference as a network to call: its own, or (LoRA) the policy with its adapter off."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with self.policy.disable_adapter():
+                yield self.policy
+
+    def response_outputs(self, model: nn.Module, samples: Samples, hidden: bool = False) -> Tensor:
+        """[N, R, V] logits, or `hidden`: [N, R, H] final hidden states, at the positions that
+        produced each response token."""
         prompt_len, response_len = samples.prompt_ids.shape[1], samples.response.shape[1]
         attention = samples.attention_mask
-        out = model(
-            input_ids=samples.input_ids,
-            attention_mask=attention.long(),
-            position_ids=position_ids(attention),  # as generate computed them (docs/estimators.md §6.3)
-            # Only the response positions go through the LM head: no [B, prompt, V] logits.
-            logits_to_keep=torch.arange(prompt_len - 1, prompt_len + response_len - 1, device=attention.device),
-            use_cache=False,
-        )
-        return out.logits
+        inputs = {
+            "input_ids": samples.input_ids,
+            "attention_mask": attention.long(),
+            "position_ids": position_ids(attention),  # as generate computed them (docs/estimators.md §6.3)
+            "use_cache": False,
+        }
+        if hidden:
+            out = backbone(model)(**inputs)
+            return out.last_hidden_state[:, prompt_len - 1 : prompt_len + response_len - 1]
+        # Only the response positions go through the LM head: no [B, prompt, V] logits.
+        keep = torch.arange(prompt_len - 1, prompt_len + response_len - 1, device=attention.device)
+        return model(**inputs, logits_to_keep=keep).logits
+
+    def response_logits(self, model: nn.Module, samples: Samples) -> Tensor:
+        """[N, R, V] logits at the positions that produced each response token."""
+        return self.response_outputs(model, samples)
 
     @torch.no_grad()
     def reference_logits(self, samples: Samples) -> Tensor:
-        if self.reference is not None:
-            return self.response_logits(self.reference, samples)
-        with self.policy.disable_adapter():  # LoRA: the base model is the reference
-            return self.response_logits(self.policy, samples)
-
-    def response_hidden(self, model: nn.Module, samples: Samples) -> Tensor:
-        """[N, R, H] final hidden states at the positions that produced each response token."""
-        prompt_len, response_len = samples.prompt_ids.shape[1], samples.response.shape[1]
-        attention = samples.attention_mask
-        out = backbone(model)(
-            input_ids=samples.input_ids,
-            attention_mask=attention.long(),
-            position_ids=position_ids(attention),  # as generate computed them (docs/estimators.md §6.3)
-            use_cache=False,
-        )
-        return out.last_hidden_state[:, prompt_len - 1 : prompt_len + response_len - 1]
+        with self.reference_model() as reference:
+            return self.response_outputs(reference, samples)
 
     def fused_stats(self, samples: Samples, kl_grad: bool, chunk_rows: int | None) -> TokenStats:
         """token_stats from the hidden states and the LM heads (fused_head.py): no [N, R, V] logits."""
-        hidden, head = self.response_hidden(self.policy, samples), output_head(self.policy)
-        with torch.no_grad():
-            if self.reference is not None:
-                ref_hidden, ref_head = self.response_hidden(self.reference, samples), output_head(self.reference)
-            else:
-                with self.policy.disable_adapter():  # LoRA: the base model is the reference
-                    ref_hidden, ref_head = self.response_hidden(self.policy, samples), output_head(self.policy)
+        hidden, head = self.response_outputs(self.policy, samples, hidden=True), output_head(self.policy)
+        with torch.no_grad(), self.reference_model() as reference:
+            ref_hidden, ref_head = self.response_outputs(reference, samples, hidden=True), output_head(reference)
         return masked_stats(
             lambda tokens: fused_token_stats(
                 hidden,
@@ -168,11 +180,16 @@ class ModelPair:
         )
 
     def token_stats(
-        self, samples: Samples, kl_grad: bool, chunk_rows: int | None = None, fused: bool | None = False
+        self,
+        samples: Samples,
+        kl_grad: bool,
+        chunk_rows: int | None = None,
+        fused: bool | None = False,
+        sharded: bool = False,
     ) -> TokenStats:
         """Per-token log-probs, exact KL and entropy [N, R] of the responses, zero on padding;
         `fused`: from the hidden states and LM heads, never holding [N, R, V] logits (None: `fuses`)."""
-        if self.fuses(fused, samples.response.numel()):
+        if self.fuses(fused, samples.response.numel(), sharded):
             return self.fused_stats(samples, kl_grad, chunk_rows)
         policy_logits = self.response_logits(self.policy, samples)
         ref_logits = self.reference_logits(samples)

@@ -39,6 +39,7 @@ from ..training.lightning_internals import (
     train_time_due,
     validates_after_this_batch,
 )
+from ..training.log import row_held_by_checkpoint
 from ..training.options import complete_groups, nest_flat_options
 
 # Settings whose change between the checkpoint and the resumed run changes what is optimised
@@ -291,28 +292,16 @@ def objective_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[
 def drop_rows_after(metrics_csv: Path, step: int) -> int:
     """Remove the rows of the steps after a checkpoint taken at global step `step`; returns how many.
 
-    Rows carry the global step they were logged at. A training row logs at the count of updates
-    before its batch, so a checkpoint at `step` holds the training rows 0 .. step - 1; an
-    evaluation row logs at the count of updates it evaluated, and a validation due at `step` ends
-    before the save (runs.LastCheckpoint defers it), so evaluation rows up to `step` belong to
-    the checkpoint. A run killed after its last checkpoint leaves later rows, which the resumed
-    run writes again.
+    Which rows a checkpoint holds is the `step` column's rule (training/log.py). A run killed after
+    its last checkpoint leaves later rows, which the resumed run writes again.
     """
     if not metrics_csv.is_file():
         return 0
     fields, rows = read_csv(metrics_csv)
-    kept = [r for r in rows if held_by_checkpoint(r, step)]
+    kept = [r for r in rows if row_held_by_checkpoint(r, step)]
     if len(kept) < len(rows):
         write_csv(metrics_csv, fields, kept)  # a kill now leaves the old file whole, not a cut one
     return len(rows) - len(kept)
-
-
-def held_by_checkpoint(row: Mapping[str, str], step: int) -> bool:
-    if not row.get("step"):
-        return True
-    training = any(value and key.startswith("train/") for key, value in row.items())
-    logged_at = int(float(row["step"]))
-    return logged_at < step if training else logged_at <= step
 
 
 def warn_objective_changes(changes: list[str]) -> None:

@@ -15,7 +15,7 @@ def keep_only(checkpoint: dict[str, Any], keys: Sequence[str]) -> None:
         del state[key]
 
 
-def check_grouped(hparams: dict[str, Any], accepted: bool) -> None:
+def check_grouped(hparams: dict[str, Any], accepted: bool = False) -> None:
     """Refuses a checkpoint written before the option groups, unless its options were moved (train.py
     does); its flat options would otherwise be dropped and the module's defaults trained silently."""
     _, moved = nest_flat_options(hparams)
@@ -43,3 +43,20 @@ def check_holds(checkpoint: dict[str, Any], keys: Sequence[str]) -> None:
             f"the checkpoint lacks {len(missing)} of the policy's weights (e.g. {missing[0]!r}): it was not "
             "written for this policy"
         )
+
+
+def save_trained_only(checkpoint: dict[str, Any], keys: Sequence[str], run_seed: int) -> None:
+    """Keep only the weights that train, and the seed the run's draws derive from (random_draws.py)."""
+    checkpoint["run_seed"] = run_seed
+    keep_only(checkpoint, keys)
+
+
+def load_trained_only(
+    checkpoint: dict[str, Any], keys: Sequence[str], rebuilt: Mapping[str, Any], run_seed: int
+) -> int:
+    """Check a checkpoint before Lightning loads it and complete it from the rebuilt module; returns
+    the run seed to continue with (the checkpoint's, else `run_seed`)."""
+    check_holds(checkpoint, keys)
+    fill_left_out(checkpoint, rebuilt)
+    check_grouped(checkpoint.get("hyper_parameters", {}))
+    return checkpoint.get("run_seed", run_seed)

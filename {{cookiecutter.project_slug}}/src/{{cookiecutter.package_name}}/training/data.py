@@ -232,3 +232,9 @@ class EachOnceSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+def stage_prompts(data: L.LightningDataModule | None, stage: str) -> list[str]:
+    """Every prompt a stage of the trainer will see (checked before its first step)."""
+    names = {"fit": ("train_prompts", "val_prompts"), "validate": ("val_prompts",), "test": ("test_prompts",)}
+    return [p for name in names.get(stage, ()) for p in getattr(data, name, [])]

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..kl.estimators import masked_token_stats
 from ..kl.grad_variance import contrast_generator, prompt_grad_variance, unit_contrasts, update_parts
-from ..kl.token_stats import TokenStats
+from ..kl.token_stats import TokenStats, masked_token_stats
 from ..models.pair import ModelPair
 from ..models.sampler import Samples
 from .rollout import Rollout

@@ -1,13 +1,23 @@
 """The per-step training log: one row of scalars per logged batch, written straight to the loggers.
 
-A batch is logged when its optimizer steps pass a multiple of `log_every_n_steps`, at the step
-at which it was sampled, with the study's statistics of the window since the last row
-(metrics.EstimatorStudy). Validation rows of a fit are written with `write_to_loggers` too, at the
-step of the weights they evaluated, and go to `trainer.callback_metrics` through `self.log`, where
-the callbacks read them; `validate` and `test` runs log through `self.log` alone.
+A batch is logged when its optimizer steps pass a multiple of `log_every_n_steps`, with the
+study's statistics of the window since the last row (metrics.EstimatorStudy). Validation rows of
+a fit are written with `write_to_loggers` too, and go to `trainer.callback_metrics` through
+`self.log`, where the callbacks read them; `validate` and `test` runs log through `self.log` alone.
+
+The `step` column has one rule, here, which the module's rows and the resume's cut of metrics.csv
+(runs/cli.py) both follow:
+
+    training row     the batch's first optimizer step: the count of updates before the batch
+    evaluation row   the count of updates of the weights it evaluated (`global_step`)
+
+so a checkpoint taken at global step S holds the training rows < S and the evaluation rows <= S
+(a validation due at S ends before the save, which runs.folders.LastCheckpoint defers).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import lightning as L
 import torch
@@ -17,6 +27,23 @@ from ..kl.objective import Objective
 from .metrics import EstimatorStudy, kl_key, reward_key
 from .rollout import Rollout
 from .updater import BatchUpdate
+
+
+def training_row_step(steps_before_batch: int) -> int:
+    return steps_before_batch
+
+
+def evaluation_row_step(global_step: int) -> int:
+    return global_step
+
+
+def row_held_by_checkpoint(row: Mapping[str, str], checkpoint_step: int) -> bool:
+    """Whether a row of metrics.csv was written before a checkpoint taken at `checkpoint_step`."""
+    if not row.get("step"):
+        return True
+    training = any(value and key.startswith("train/") for key, value in row.items())
+    logged_at = int(float(row["step"]))
+    return logged_at < checkpoint_step if training else logged_at <= checkpoint_step
 
 
 def should_log(trainer: L.Trainer, first_step: int) -> bool:
@@ -56,7 +83,7 @@ def log_batch(
     logged["train/global_batch"] = torch.tensor(float(len(rollout.rewards) * trainer.world_size))
     logged["train/lr"] = torch.tensor(lr)
     logged.update(study.compute())
-    write_to_loggers(module, logged, step)  # the step at which the batch was sampled
+    write_to_loggers(module, logged, step)
     progress = {"reward": logged[reward_key("train", "mean")], "kl_rb": logged[kl_key("train", "rb", "mean")]}
     module.log_dict(progress, prog_bar=True, logger=False)
 

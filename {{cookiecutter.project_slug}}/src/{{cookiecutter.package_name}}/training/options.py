@@ -17,6 +17,9 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args
 
+import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
+
 from ..models.lora import LoRA
 
 SamplerName = Literal["fast", "hf"]
@@ -116,6 +119,24 @@ class Updates:
     def per_batch(self) -> int:
         """Optimizer steps per sampled batch."""
         return self.ppo_epochs * self.minibatches
+
+    def check_trainer(self, trainer: L.Trainer) -> None:
+        """Lightning's own accumulation and clipping do not apply to a module that steps itself."""
+        if self.track_grad_variance and isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "updates.track_grad_variance differentiates the policy's own parameters outside FSDP's forward, "
+                "which shards them: set model.init_args.updates.track_grad_variance: false under FSDP"
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "trainer.accumulate_grad_batches is not used by this module, which steps its optimizer itself: "
+                "set model.init_args.updates.micro_batches (gradient accumulation over whole prompt groups) instead"
+            )
+        if trainer.gradient_clip_val is not None:
+            raise ValueError(
+                "trainer.gradient_clip_val is not used by this module, which steps its optimizer itself: set "
+                "model.init_args.updates.gradient_clip_val instead"
+            )
 
     def check_batch_size(self, batch_size: int) -> None:
         """Minibatches and micro-batches are whole prompt groups: they must divide the batch."""
