@@ -239,6 +239,90 @@ def gradient_variance(history: Sequence[Mapping[str, float]]) -> Figure:
     return _finish(fig, ratios, "epoch", "ratio", "KL part: MC over RB, and its share of each total")
 
 
+# Logged by training/log.py under these names; metrics.py has no builder for them.
+LOSS, RESPONSE_LENGTH = "train/loss", "train/response_length"
+TRAINING, VALIDATION = "tab:blue", "black"
+# Each reward function's own line; blue stays the weighted total's.
+FUNCTION_COLORS = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
+
+
+def reward_functions(rows: Sequence[Mapping[str, float]]) -> list[str]:
+    """Names of the reward functions whose means were logged one by one (`train/reward/<name>/mean`)."""
+    prefix, suffix = reward_key("train", ""), "/mean"
+    keys = dict.fromkeys(key for row in rows for key in row)
+    names = [key[len(prefix) : -len(suffix)] for key in keys if key.startswith(prefix) and key.endswith(suffix)]
+    return [name for name in names if name]  # the total, `train/reward/mean`, leaves an empty name
+
+
+def _steps(ax: Axes, rows: Sequence[Mapping[str, float]], key: str, **style) -> None:
+    """One value per logged row that has `key`, against the row's step."""
+    pts = [r for r in rows if _finite(r.get(key)) and _finite(r.get("step"))]
+    if pts:
+        ax.plot([r["step"] for r in pts], [r[key] for r in pts], marker="o", markersize=2, lw=1, **style)
+
+
+def _validations(ax: Axes, rows: Sequence[Mapping[str, float]], key: str, sem: str) -> None:
+    pts = [r for r in rows if _finite(r.get(key)) and _finite(r.get("step"))]
+    if pts:
+        ax.errorbar(
+            [r["step"] for r in pts],
+            [r[key] for r in pts],
+            yerr=[_value(r, sem) for r in pts],
+            fmt="o",
+            mfc="none",
+            capsize=3,
+            color=VALIDATION,
+            label="validation: mean over held-out prompts, 1 s.e.",
+            zorder=3,
+        )
+
+
+def training_curves(rows: Sequence[Mapping[str, float]], reward_name: str = "") -> Figure:
+    """Per-step training curves from the rows of metrics.csv, one panel each: the reward (the
+    weighted total, and each reward function's mean where it was logged), the RB KL, the loss and
+    the response length, against the optimizer step of each logged batch. Validation means sit on
+    the reward and KL panels as markers, at the step of the weights they evaluated.
+    """
+    fig = Figure(figsize=(2 * FIGSIZE[0], 1.6 * FIGSIZE[1]), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    reward, kl, loss, length = fig.subplots(2, 2, sharex=True).flat
+    batch = {"color": TRAINING, "label": "training: mean as logged at each step"}
+    _steps(reward, rows, reward_key("train", "mean"), **batch)
+    for i, name in enumerate(reward_functions(rows)):
+        color = FUNCTION_COLORS[i % len(FUNCTION_COLORS)]
+        _steps(
+            reward, rows, reward_key("train", f"{name}/mean"), color=color, ls="--", label=f"reward function: {name}"
+        )
+    _validations(reward, rows, reward_key("val", "mean"), reward_key("val", "sem_prompts"))
+    _steps(kl, rows, kl_key("train", "rb", "mean"), **batch)
+    _validations(kl, rows, kl_key("val", "rb", "mean"), kl_key("val", "rb", "sem_prompts"))
+    _steps(loss, rows, LOSS, **batch)
+    _steps(length, rows, RESPONSE_LENGTH, **batch)
+    panels = {
+        reward: f"reward: {reward_name}" if reward_name else "reward",
+        kl: "KL(policy || reference), RB  [nats]",
+        loss: "loss",
+        length: "response length  [tokens]",
+    }
+    for ax, title in panels.items():
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if not ax.has_data():
+            ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", color="0.4")
+    for ax in (loss, length):
+        ax.set_xlabel("optimizer step")
+    last = next((r for r in reversed(rows) if _finite(r.get(LOSS))), {})
+    fig.suptitle(f"Training curves, per logged step ({sizes_text(last, 'train')} in the last row)", fontsize=11)
+    legend = {}  # one entry per label: the training line is in every panel
+    for ax in panels:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=2, fontsize=8)
+    return fig
+
+
 def precision_vs_samples(report: Mapping, max_factor: int = 64) -> Figure:
     """Standard error of the prompt set's KL against samples per prompt, one line per estimator.
 
