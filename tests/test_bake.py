@@ -66,6 +66,7 @@ PACKAGE_MODULES = [
     "reports/callbacks",
     "reports/compare_runs",
     "reports/kl_report",
+    "reports/labels",
     "reports/plots",
     "reports/sweep",
     "runs/__init__",

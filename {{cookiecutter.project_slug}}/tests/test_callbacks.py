@@ -1,5 +1,6 @@
-"""A 2-epoch offline run: the logged names tools rely on, the PNGs, the estimator table; the
-plots drawn from synthetic histories of 1 to 30 epochs; the KL report's note on few prompts."""
+"""A 2-epoch offline run: the logged names tools rely on, the PNGs (one file per plot, replaced
+after each epoch), the estimator table; the plots drawn from synthetic histories of 1 to 30
+epochs and the training curves from synthetic logs; the KL report's note on few prompts."""
 
 import csv
 import json
@@ -8,13 +9,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
+import numpy as np
 import pytest
 from conftest import drawn_clashes, make_trainer
 from matplotlib.image import imread
 
 from {{ cookiecutter.package_name }}.kl.estimators import LOGGED_ESTIMATORS, VALUE_ESTIMATORS
 from {{ cookiecutter.package_name }}.reports import plots
-from {{ cookiecutter.package_name }}.reports.callbacks import EstimatorTable, EstimatorVariancePlot, RewardVsKLPlot, SampleTable
+from {{ cookiecutter.package_name }}.reports.callbacks import (
+    EstimatorTable,
+    EstimatorVariancePlot,
+    RewardVsKLPlot,
+    SampleTable,
+    TrainingCurvesPlot,
+    save_figure,
+)
 from {{ cookiecutter.package_name }}.reports.kl_report import MIN_PROMPTS_FOR_POPULATION, build_report, report_markdown
 from {{ cookiecutter.package_name }}.training.data import PromptDataModule
 from {{ cookiecutter.package_name }}.training.metrics import KL_STATS, kl_key, reward_key, size_key
@@ -23,14 +32,36 @@ from {{ cookiecutter.package_name }}.training.options import Optimization, Sampl
 from {{ cookiecutter.package_name }}.training.rewards import KeywordReward, VaderSentimentReward
 
 
+class PlotWatch(L.Callback):
+    """What plots/ holds at the end of each training epoch, after the plot callbacks listed before
+    this one: each file's inode, modification time and bytes."""
+
+    def __init__(self):
+        self.epochs: list[dict[str, tuple[int, int, bytes]]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        files = sorted((Path(trainer.log_dir) / "plots").iterdir())
+        self.epochs.append({p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in files})
+
+
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def plot_watch() -> PlotWatch:
+    return PlotWatch()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, plot_watch) -> Path:
     tmp = tmp_path_factory.mktemp("run")
     L.seed_everything(0)
+    figures = [
+        RewardVsKLPlot(estimators=["rb", "mc"], keep_every_epoch=True),
+        EstimatorVariancePlot(),
+        TrainingCurvesPlot(),
+    ]
     trainer = make_trainer(
         tmp,
         max_epochs=2,
-        callbacks=[RewardVsKLPlot(estimators=["rb", "mc"]), EstimatorVariancePlot(), EstimatorTable(), SampleTable()],
+        callbacks=[*figures, EstimatorTable(), SampleTable(), plot_watch],
         enable_checkpointing=False,
     )
     module = RBKLModule(
@@ -52,12 +83,49 @@ def test_metrics_csv_has_every_documented_name(run_dir):
     assert not [h for h in header if h.endswith(("/var", "/sem", "/std", "prompt_std", "prompt_mean"))]
 
 
-def test_one_png_per_epoch_that_decodes_at_the_expected_size(run_dir):
+PLOTS = ["estimator_spread.png", "reward_vs_kl.png", "training_curves.png"]
+
+
+def test_one_png_per_plot_that_decodes_at_the_expected_size(run_dir):
     for stem in ("reward_vs_kl", "estimator_spread"):
-        pngs = sorted((run_dir / "plots").glob(f"{stem}_epoch*.png"))
-        assert [p.name for p in pngs] == [f"{stem}_epoch000.png", f"{stem}_epoch001.png"]
+        pngs = sorted((run_dir / "plots").glob(f"{stem}*.png"))
+        kept = [f"{stem}_epoch000.png", f"{stem}_epoch001.png"] if stem == "reward_vs_kl" else []
+        assert [p.name for p in pngs] == [f"{stem}.png", *kept]
         for png in pngs:
             assert imread(png).shape == (480, 640, 4)
+    assert imread(run_dir / "plots" / "training_curves.png").shape == (768, 1280, 4)
+
+
+def test_each_plot_is_replaced_after_each_epoch_and_kept_per_epoch_only_when_asked(run_dir, plot_watch):
+    first, second = plot_watch.epochs
+    # RewardVsKLPlot alone has keep_every_epoch; no temporary file is ever left beside the plots.
+    assert sorted(first) == sorted([*PLOTS, "reward_vs_kl_epoch000.png"])
+    assert sorted(second) == sorted([*PLOTS, "reward_vs_kl_epoch000.png", "reward_vs_kl_epoch001.png"])
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == sorted(second)
+    for name in PLOTS:
+        (inode, mtime, content), (inode_after, mtime_after, content_after) = first[name], second[name]
+        assert content_after != content and mtime_after > mtime, f"{name} is redrawn with the second epoch"
+        assert inode_after != inode, f"{name} is replaced by a rename, never rewritten where it lies"
+    assert second["reward_vs_kl_epoch000.png"] == first["reward_vs_kl_epoch000.png"], "a kept copy stays as it was"
+    assert second["reward_vs_kl_epoch001.png"][2] == second["reward_vs_kl.png"][2]
+    assert first["reward_vs_kl_epoch000.png"][2] == first["reward_vs_kl.png"][2]
+
+
+def test_a_figure_that_fails_to_save_leaves_the_previous_one_whole(tmp_path):
+    path, trainer = tmp_path / "plots" / "reward_vs_kl.png", SimpleNamespace(loggers=[], global_step=0)
+    fig = plots.reward_vs_kl(synthetic_history(3))
+    save_figure(trainer, fig, path, "reward_vs_kl")
+    before = path.read_bytes()
+
+    def disk_full(target, **kwargs):
+        Path(target).write_bytes(before[:100])
+        raise OSError("No space left on device")
+
+    fig.savefig = disk_full
+    with pytest.raises(OSError, match="No space"):
+        save_figure(trainer, fig, path, "reward_vs_kl", keep_epoch=2)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == ["reward_vs_kl.png"], "no temporary file, no copy"
 
 
 def test_estimator_table_is_written_with_every_estimator(run_dir):
@@ -103,7 +171,7 @@ def test_plots_reach_tensorboard_when_it_is_the_logger(tiny_trainer, tmp_path):
     events = b"".join(p.read_bytes() for p in tmp_path.rglob("events.out.tfevents.*"))
     assert b"reward_vs_kl" in events and b"\x89PNG" in events  # the figure, as a PNG image summary
     assert b"train/kl/rb/mean" in events
-    assert list((Path(trainer.log_dir) / "plots").glob("reward_vs_kl_epoch000.png"))
+    assert list((Path(trainer.log_dir) / "plots").glob("reward_vs_kl.png"))
 
 
 # Within-prompt SDs relative to RB's: mc, k2, k3, cv and cv_opt nearly equal, as in real runs.
@@ -232,3 +300,93 @@ def test_the_kl_report_says_when_there_are_too_few_prompts_for_the_population_in
     note = markdown_of(kl_metrics(enough, {"mc": 0.002, "k3": 0.015})).splitlines()[-1]
     assert note.startswith("Note: For mc the population interval came out less than half as wide"), note
     assert "by chance" in note and "k3" not in note
+
+
+def metrics_rows(functions: tuple[str, ...] = (), epochs: int = 3, steps_per_epoch: int = 4) -> list[dict[str, float]]:
+    """Rows as metrics.csv holds them (every column in every row, NaN where not logged): training
+    rows at each step, with each reward function's mean where `functions` are named, and one
+    validation row per epoch at the step of the weights it evaluated."""
+    rows = []
+    for step in range(epochs * steps_per_epoch):
+        epoch = step // steps_per_epoch
+        row = {"epoch": epoch, "step": step, reward_key("train", "mean"): 0.1 * step + 0.05 * math.sin(step)}
+        row |= {kl_key("train", "rb", "mean"): 0.002 * step**2, "train/loss": 1 / (1 + step)}
+        row |= {"train/response_length": 12 - 0.5 * step, size_key("train", "prompts"): 8.0}
+        row |= {size_key("train", "samples_per_prompt"): 4.0}
+        for i, name in enumerate(functions):
+            row[reward_key("train", f"{name}/mean")] = (i + 1) * 0.05 * step
+        rows.append(row)
+        if step % steps_per_epoch == steps_per_epoch - 1:
+            val = {"epoch": epoch, "step": step + 1, reward_key("val", "mean"): 0.1 * step}
+            val |= {reward_key("val", "sem_prompts"): 0.03, kl_key("val", "rb", "mean"): 0.002 * step**2}
+            rows.append(val | {kl_key("val", "rb", "sem_prompts"): 0.001})
+    columns = {key for row in rows for key in row}
+    return [{key: row.get(key, math.nan) for key in columns} for row in rows]
+
+
+def drawn_series(fig) -> dict[str, dict[str, np.ndarray]]:
+    """Each panel's series by label, keyed by the panel's title: [K, 2] arrays of (step, value)."""
+    panels = {}
+    for ax in fig.axes:
+        series = {line.get_label(): line.get_xydata() for line in ax.lines if not line.get_label().startswith("_")}
+        series |= {bars.get_label(): bars.lines[0].get_xydata() for bars in ax.containers}
+        panels[ax.get_title()] = series
+    return panels
+
+
+TRAINING = "training: mean as logged at each step"
+VALIDATION = "validation: mean over held-out prompts, 1 s.e."
+
+
+@pytest.mark.parametrize("functions", [(), ("exact_match", "format")])
+def test_the_training_curves_draw_every_logged_series_at_its_steps(functions, tmp_path):
+    rows = metrics_rows(functions)
+    fig = plots.training_curves(rows, reward_name="weighted_sum")
+    fig.savefig(tmp_path / f"training_curves_{len(functions)}.png")
+
+    def logged(key):
+        return np.array([(r["step"], r[key]) for r in rows if not math.isnan(r[key])])
+
+    reward = {TRAINING: logged(reward_key("train", "mean")), VALIDATION: logged(reward_key("val", "mean"))}
+    reward |= {f"reward function: {name}": logged(reward_key("train", f"{name}/mean")) for name in functions}
+    expected = {
+        "reward: weighted_sum": reward,
+        "KL(policy || reference), RB  [nats]": {
+            TRAINING: logged(kl_key("train", "rb", "mean")),
+            VALIDATION: logged(kl_key("val", "rb", "mean")),
+        },
+        "loss": {TRAINING: logged("train/loss")},
+        "response length  [tokens]": {TRAINING: logged("train/response_length")},
+    }
+    drawn = drawn_series(fig)
+    assert drawn.keys() == expected.keys()
+    for title, series in expected.items():
+        assert drawn[title].keys() == series.keys(), title
+        for label, points in series.items():
+            assert len(points) == (12 if label != VALIDATION else 3), (title, label)
+            np.testing.assert_array_equal(drawn[title][label], points, err_msg=f"{title}: {label}")
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert sorted(legend) == sorted(reward), "one legend entry per kind of line"
+    assert "n = 8 prompts x M = 4 samples" in fig.texts[0].get_text()
+
+
+def test_a_panel_with_nothing_logged_says_so():
+    rows = [{k: v for k, v in row.items() if k != "train/response_length"} for row in metrics_rows()]
+    fig = plots.training_curves(rows)
+    length = next(ax for ax in fig.axes if ax.get_title().startswith("response length"))
+    assert not length.lines and [t.get_text() for t in length.texts] == ["not logged"]
+    assert fig.axes[0].get_title() == "reward"
+
+
+def test_the_training_curves_png_is_the_figure_of_the_runs_metrics_csv(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = [{k: float(v) if v else math.nan for k, v in row.items()} for row in csv.DictReader(f)]
+    fig = plots.training_curves(rows, reward_name="VaderSentimentReward")
+    drawn = drawn_series(fig)
+    trained = len([r for r in rows if not math.isnan(r["train/loss"])])
+    assert trained >= 4
+    for title in drawn:
+        assert len(drawn[title][TRAINING]) == trained, title
+    assert len(drawn["reward: VaderSentimentReward"][VALIDATION]) == 2
+    fig.savefig(run_dir / "redrawn.png")
+    assert (run_dir / "redrawn.png").read_bytes() == (run_dir / "plots" / "training_curves.png").read_bytes()

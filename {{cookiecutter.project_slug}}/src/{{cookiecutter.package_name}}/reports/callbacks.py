@@ -1,22 +1,27 @@
-"""Callbacks that read what the module logged after each validation and draw or tabulate it.
+"""Callbacks that read what the module logged after each epoch and draw or tabulate it.
 
-They hold no training logic. Under DDP, reading `trainer.callback_metrics` and `trainer.log_dir`
-can involve collectives, so every rank does that part and only rank 0 draws and writes.
+They hold no training logic. Each plot is one file, `<run>/plots/<stem>.png`, redrawn from the
+whole run after each epoch and replaced in one step; `keep_every_epoch` keeps a copy per epoch too.
+Under DDP, reading `trainer.callback_metrics` and `trainer.log_dir` can involve collectives, so
+every rank does that part and only rank 0 draws and writes.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
 
 from ..kl.estimators import LOGGED_ESTIMATORS
+from ..training.atomic_files import read_csv, replaced_atomically
 from ..training.metrics import KL_STATS, grad_var_key, kl_key, ratio_key
 from . import plots
 from .kl_report import build_report, report_markdown
@@ -57,10 +62,16 @@ class ValidationHistory(L.Callback):
         self.history = list(state_dict.get("history", []))
 
 
-def save_figure(trainer: L.Trainer, fig: Figure, path: Path, tag: str) -> None:
-    """Write the PNG, and hand the figure to TensorBoard or W&B when they are the loggers."""
+def save_figure(trainer: L.Trainer, fig: Figure, path: Path, tag: str, keep_epoch: int | None = None) -> None:
+    """Replace the PNG at `path` in one step (a kill leaves the previous figure or this one, never a
+    part), and hand the figure to TensorBoard or W&B when they are the loggers. With `keep_epoch`,
+    a copy stays beside it as `<stem>_epochNNN.png`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp, format="png")
+    if keep_epoch is not None:
+        with replaced_atomically(path.with_name(f"{path.stem}_epoch{keep_epoch:03d}{path.suffix}")) as tmp:
+            shutil.copyfile(path, tmp)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_figure(tag, fig, global_step=trainer.global_step, close=False)
@@ -68,31 +79,43 @@ def save_figure(trainer: L.Trainer, fig: Figure, path: Path, tag: str) -> None:
             logger.log_image(key=tag, images=[str(path)], step=trainer.global_step)
 
 
-class EpochPlot(ValidationHistory):
-    """Base of the per-epoch plots: one PNG per validation epoch, `<dirname>/<stem>_epochNNN.png`."""
+class PlotFile:
+    """What the plot callbacks share: the figure goes to `<run>/<dirname>/<stem>.png`."""
 
     stem = "plot"
+    dirname = "plots"
+    keep_every_epoch = False
+
+    def write(self, trainer: L.Trainer, run_dir: Path, fig: Figure, epoch: int) -> None:
+        path = run_dir / self.dirname / f"{self.stem}.png"
+        save_figure(trainer, fig, path, self.stem, keep_epoch=epoch if self.keep_every_epoch else None)
+
+
+class EpochPlot(ValidationHistory, PlotFile):
+    """Base of the validation plots: `<dirname>/<stem>.png`, redrawn over every epoch so far after each
+    validation; with `keep_every_epoch`, also `<dirname>/<stem>_epochNNN.png`, the figure as it was then."""
+
     default_estimators: tuple[str, ...] = LOGGED_ESTIMATORS
 
-    def __init__(self, estimators: list[str] | None = None, dirname: str = "plots"):
+    def __init__(self, estimators: list[str] | None = None, dirname: str = "plots", keep_every_epoch: bool = False):
         """
         Args:
             estimators: KL estimators to draw, any of mc, k2, k3, cv, cv_opt, rb.
             dirname: folder under the run directory for the PNGs.
+            keep_every_epoch: also keep each epoch's figure as `<stem>_epochNNN.png`.
         """
         super().__init__()
         self.estimators = list(estimators or self.default_estimators)
         unknown = set(self.estimators) - set(LOGGED_ESTIMATORS)
         if unknown:
             raise ValueError(f"unknown estimators {sorted(unknown)}; valid: {', '.join(LOGGED_ESTIMATORS)}")
-        self.dirname = dirname
+        self.dirname, self.keep_every_epoch = dirname, keep_every_epoch
 
     def draw(self) -> Figure:
         raise NotImplementedError
 
     def on_history(self, trainer: L.Trainer, run_dir: Path) -> None:
-        epoch = int(self.history[-1]["epoch"])
-        save_figure(trainer, self.draw(), run_dir / self.dirname / f"{self.stem}_epoch{epoch:03d}.png", self.stem)
+        self.write(trainer, run_dir, self.draw(), int(self.history[-1]["epoch"]))
 
 
 def reward_name(reward: Any) -> str:
@@ -130,25 +153,67 @@ class EstimatorVariancePlot(EpochPlot):
         return plots.estimator_spread(self.history, self.estimators)
 
 
-class GradVariancePlot(ValidationHistory):
-    """The gradient variances of updates.track_grad_variance per epoch, once they are logged."""
+class GradVariancePlot(ValidationHistory, PlotFile):
+    """The gradient variances of updates.track_grad_variance per epoch, once they are logged:
+    `<dirname>/grad_variance.png`, redrawn after each validation (see `EpochPlot`)."""
 
     stem = "grad_variance"
 
-    def __init__(self, dirname: str = "plots"):
+    def __init__(self, dirname: str = "plots", keep_every_epoch: bool = False):
         """
         Args:
             dirname: folder under the run directory for the PNGs.
+            keep_every_epoch: also keep each epoch's figure as `grad_variance_epochNNN.png`.
         """
         super().__init__()
-        self.dirname = dirname
+        self.dirname, self.keep_every_epoch = dirname, keep_every_epoch
 
     def on_history(self, trainer: L.Trainer, run_dir: Path) -> None:
         if grad_var_key("val", "total_rb") not in self.history[-1]:
             return  # the option is off: nothing to draw
-        epoch = int(self.history[-1]["epoch"])
-        path = run_dir / self.dirname / f"{self.stem}_epoch{epoch:03d}.png"
-        save_figure(trainer, plots.gradient_variance(self.history), path, self.stem)
+        self.write(trainer, run_dir, plots.gradient_variance(self.history), int(self.history[-1]["epoch"]))
+
+
+def logged_rows(logger: CSVLogger) -> list[dict[str, float]]:
+    """Every row of the logger's metrics.csv as numbers, an empty cell as NaN (rank 0 only)."""
+    logger.save()  # rows still buffered go to the file first, as Lightning does after each self.log
+    path = Path(logger.log_dir) / "metrics.csv"
+    rows = read_csv(path)[1] if path.is_file() else []
+    return [{key: float(value) if value else math.nan for key, value in row.items()} for row in rows]
+
+
+class TrainingCurvesPlot(L.Callback, PlotFile):
+    """Per-step training curves in `<dirname>/training_curves.png`, redrawn after each training epoch.
+
+    Read back from the run's metrics.csv (the whole run, also across a resume): the reward (the
+    total, and each reward function's mean where logged), the RB KL, the loss and the response
+    length, with each validation's means on the reward and KL panels. Without a CSVLogger among
+    the loggers it draws nothing: TensorBoard and W&B draw their own curves.
+    """
+
+    stem = "training_curves"
+    reward_label = ""
+
+    def __init__(self, dirname: str = "plots", keep_every_epoch: bool = False):
+        """
+        Args:
+            dirname: folder under the run directory for the PNG.
+            keep_every_epoch: also keep each epoch's figure as `training_curves_epochNNN.png`.
+        """
+        self.dirname, self.keep_every_epoch = dirname, keep_every_epoch
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.reward_label = reward_name(getattr(pl_module, "reward", None))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After the epoch's validation, whose rows are in metrics.csv by now.
+        run_dir = run_directory(trainer)  # every rank: may sync
+        csv_logger = next((logger for logger in trainer.loggers if isinstance(logger, CSVLogger)), None)
+        if not trainer.is_global_zero or csv_logger is None:
+            return
+        rows = logged_rows(csv_logger)
+        if rows:
+            self.write(trainer, run_dir, plots.training_curves(rows, self.reward_label), trainer.current_epoch)
 
 
 def table_rows(metrics: Mapping[str, float], stage: str) -> list[dict[str, float | str]]:

@@ -4,29 +4,23 @@ Figures are built with matplotlib's object API (`Figure`) on an Agg canvas, not 
 work on machines without a display and never leak into pyplot's global state. Metric names come
 from `metrics.py`, the one place that spells them.
 
-Every legend sits below its axes, where it can hide no data, and point labels are placed
-(`place_labels`) where they overlap no other label, marker or line; a label with no free place
-is left out rather than drawn over the data.
+Every legend sits below its axes, where it can hide no data; point labels go where they cover
+nothing drawn (`labels.place_labels`), or are left out.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from itertools import product
 
-import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.cbook import STEP_LOOKUP_MAP
-from matplotlib.collections import LineCollection, PathCollection
 from matplotlib.figure import Figure
-from matplotlib.text import Annotation, Text
 from matplotlib.ticker import MaxNLocator
-from matplotlib.transforms import Bbox
 
 from ..kl.grad_variance import GRAD_VAR_PARTS
 from ..training.metrics import grad_var_key, kl_key, reward_key, size_key
+from .labels import place_labels
 
 FIGSIZE, DPI = (6.4, 4.8), 100  # PNGs are 640 x 480 pixels
 COLORS = {
@@ -106,142 +100,6 @@ def _finish(fig: Figure, ax: Axes, xlabel: str, ylabel: str, title: str, columns
         fig.legend(loc="outside lower center", ncols=columns, fontsize=7, title=note or None, title_fontsize=7)
     fig.draw_without_rendering()  # the layout is final from here: labels are placed in pixels
     return fig
-
-
-class Obstacles:
-    """Where the axes already show something, in pixels: points along every line and error bar,
-    and boxes around every marker. Labels must stay off all of it."""
-
-    def __init__(self, ax: Axes, spacing: float = 2.0):
-        points, boxes = [np.empty((0, 2))], [np.empty((0, 4))]
-        for line in ax.lines:
-            steps = STEP_LOOKUP_MAP[line.get_drawstyle()]  # a step line's corners, as drawn
-            xy = line.get_transform().transform(np.column_stack(steps(*line.get_xydata().T)))
-            if line.get_linestyle() not in ("None", "", " "):
-                points.append(_along(xy, spacing))
-            if line.get_marker() not in (None, "None", "", " "):
-                boxes.append(_squares(xy, line.get_markersize() * ax.figure.dpi / 72))
-        for collection in ax.collections:
-            if isinstance(collection, LineCollection):
-                for segment in collection.get_segments():
-                    points.append(_along(collection.get_transform().transform(segment), spacing))
-            elif isinstance(collection, PathCollection):  # scatter: sizes are areas in points^2
-                xy = collection.get_offset_transform().transform(collection.get_offsets())
-                sizes = np.broadcast_to(np.sqrt(collection.get_sizes()) * ax.figure.dpi / 72, len(xy))
-                boxes += [_squares(xy[i : i + 1], sizes[i]) for i in range(len(xy))]
-        self.points, self.boxes = np.concatenate(points), np.concatenate(boxes)
-
-    def hit(self, box: Bbox, margin: float = 1.0) -> bool:
-        """Whether the box (grown by `margin` pixels) touches a line or overlaps a box."""
-        x0, y0, x1, y1 = box.x0 - margin, box.y0 - margin, box.x1 + margin, box.y1 + margin
-        b = self.boxes
-        crossed = (b[:, 0] <= x1) & (b[:, 2] >= x0) & (b[:, 1] <= y1) & (b[:, 3] >= y0)
-        return bool(_inside(self.points, np.array([[x0, y0, x1, y1]])).any() or crossed.any())
-
-    def covers(self, points: np.ndarray) -> bool:
-        """Whether any of the pixel points [K, 2] lies in a marker or label box."""
-        return bool(_inside(points, self.boxes).any())
-
-    def add(self, box: Bbox, leader: np.ndarray) -> None:
-        self.boxes = np.concatenate([self.boxes, [[box.x0, box.y0, box.x1, box.y1]]])
-        self.points = np.concatenate([self.points, leader])
-
-
-def _leader(anchor: np.ndarray, box: Bbox, spacing: float = 2.0, clear: float = 8.0) -> np.ndarray:
-    """Pixel points along a leader line from the label's centre to its anchor: the part outside
-    the text and more than `clear` pixels from the anchor (its own marker)."""
-    centre = np.array([(box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2])
-    points = _along(np.array([anchor, centre]), spacing)
-    in_text = _inside(points, np.array([[box.x0, box.y0, box.x1, box.y1]]))[:, 0]
-    return points[~in_text & (np.hypot(*(points - anchor).T) > clear)]
-
-
-def _inside(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """[K, B] bool: point k [K, 2] lies in box b [B, 4] (x0, y0, x1, y1)."""
-    x, y = points[:, None, 0], points[:, None, 1]
-    return (x >= boxes[:, 0]) & (x <= boxes[:, 2]) & (y >= boxes[:, 1]) & (y <= boxes[:, 3])
-
-
-def _crosses(a: np.ndarray, b: np.ndarray, segments: Sequence[np.ndarray]) -> bool:
-    """Whether the segment a-b crosses any of the given segments ([2, 2] arrays)."""
-
-    def side(p, q, r):
-        return np.sign((q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0]))
-
-    return any(side(a, b, c) * side(a, b, d) < 0 and side(c, d, a) * side(c, d, b) < 0 for c, d in segments)
-
-
-def _along(xy: np.ndarray, spacing: float) -> np.ndarray:
-    """Points every `spacing` pixels along the polyline through xy [K, 2]."""
-    xy = xy[np.isfinite(xy).all(axis=1)]
-    if len(xy) < 2:
-        return xy
-    pieces = [xy[-1:]]
-    for start, end in zip(xy[:-1], xy[1:], strict=True):
-        steps = max(1, int(np.hypot(*(end - start)) / spacing))
-        pieces.append(start + (end - start) * np.linspace(0, 1, steps, endpoint=False)[:, None])
-    return np.concatenate(pieces)
-
-
-def _squares(xy: np.ndarray, size: float) -> np.ndarray:
-    """[K, 4] boxes (x0, y0, x1, y1) of side `size` pixels centred at xy [K, 2]."""
-    xy = xy[np.isfinite(xy).all(axis=1)]
-    return np.concatenate([xy - size / 2, xy + size / 2], axis=1)
-
-
-# Offsets (points) tried for a label, nearest first: beside the point, then farther out with a
-# leader line back to it. The text's alignment makes it grow away from the point.
-_DIRECTIONS = [(1, 1), (1, -1), (-1, 1), (-1, -1), (0, 1), (0, -1), (1, 0), (-1, 0)]
-_RADII = [(4, False), (9, False), (20, True), (32, True), (46, True)]
-
-
-def place_labels(
-    ax: Axes, anchors: Sequence[tuple[float, float]], texts: Sequence[str], fontsize: float = 8
-) -> list[Annotation]:
-    """Each text near its anchor (data coordinates), in the given order of importance.
-
-    A text goes to the first offset where it stays inside the axes and covers nothing drawn
-    (`Obstacles`) and no label placed before it, and where its leader line (farther out) passes
-    no marker, label or other leader; a text with no such offset is left out. Call after
-    `_finish`, when the layout is final: placement is in pixels.
-    """
-    renderer = ax.figure.canvas.get_renderer()
-    inside = ax.get_window_extent(renderer)
-    obstacles = Obstacles(ax)
-    placed: list[Annotation] = []
-    leaders: list[np.ndarray] = []
-    for (x, y), text in zip(anchors, texts, strict=True):
-        anchor = ax.transData.transform((x, y))
-        for (radius, leader), (dx, dy) in product(_RADII, _DIRECTIONS):
-            scale = radius / math.hypot(dx, dy)
-            label = ax.annotate(
-                text,
-                (x, y),
-                xytext=(dx * scale, dy * scale),
-                textcoords="offset points",
-                ha={1: "left", 0: "center", -1: "right"}[dx],
-                va={1: "bottom", 0: "center", -1: "top"}[dy],
-                fontsize=fontsize,
-                zorder=5,
-                arrowprops={"arrowstyle": "-", "color": "0.4", "lw": 0.6, "shrinkA": 1, "shrinkB": 5}
-                if leader
-                else None,
-            )
-            label.set_in_layout(False)
-            label.update_positions(renderer)
-            box = Text.get_window_extent(label, renderer)  # the text alone, not its leader line
-            line = _leader(anchor, box) if leader else np.empty((0, 2))
-            fits = inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1) and not obstacles.hit(box)
-            if fits and leader:
-                fits = not obstacles.covers(line) and not (len(line) and _crosses(line[0], line[-1], leaders))
-            if fits:
-                placed.append(label)
-                obstacles.add(box, line)
-                if len(line):
-                    leaders.append(line[[0, -1]])
-                break
-            label.remove()
-    return placed
 
 
 def reward_vs_kl(
@@ -379,6 +237,90 @@ def gradient_variance(history: Sequence[Mapping[str, float]]) -> Figure:
         f"Gradient variance per part\n({_last_sizes(history)})",
     )
     return _finish(fig, ratios, "epoch", "ratio", "KL part: MC over RB, and its share of each total")
+
+
+# Logged by training/log.py under these names; metrics.py has no builder for them.
+LOSS, RESPONSE_LENGTH = "train/loss", "train/response_length"
+TRAINING, VALIDATION = "tab:blue", "black"
+# Each reward function's own line; blue stays the weighted total's.
+FUNCTION_COLORS = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
+
+
+def reward_functions(rows: Sequence[Mapping[str, float]]) -> list[str]:
+    """Names of the reward functions whose means were logged one by one (`train/reward/<name>/mean`)."""
+    prefix, suffix = reward_key("train", ""), "/mean"
+    keys = dict.fromkeys(key for row in rows for key in row)
+    names = [key[len(prefix) : -len(suffix)] for key in keys if key.startswith(prefix) and key.endswith(suffix)]
+    return [name for name in names if name]  # the total, `train/reward/mean`, leaves an empty name
+
+
+def _steps(ax: Axes, rows: Sequence[Mapping[str, float]], key: str, **style) -> None:
+    """One value per logged row that has `key`, against the row's step."""
+    pts = [r for r in rows if _finite(r.get(key)) and _finite(r.get("step"))]
+    if pts:
+        ax.plot([r["step"] for r in pts], [r[key] for r in pts], marker="o", markersize=2, lw=1, **style)
+
+
+def _validations(ax: Axes, rows: Sequence[Mapping[str, float]], key: str, sem: str) -> None:
+    pts = [r for r in rows if _finite(r.get(key)) and _finite(r.get("step"))]
+    if pts:
+        ax.errorbar(
+            [r["step"] for r in pts],
+            [r[key] for r in pts],
+            yerr=[_value(r, sem) for r in pts],
+            fmt="o",
+            mfc="none",
+            capsize=3,
+            color=VALIDATION,
+            label="validation: mean over held-out prompts, 1 s.e.",
+            zorder=3,
+        )
+
+
+def training_curves(rows: Sequence[Mapping[str, float]], reward_name: str = "") -> Figure:
+    """Per-step training curves from the rows of metrics.csv, one panel each: the reward (the
+    weighted total, and each reward function's mean where it was logged), the RB KL, the loss and
+    the response length, against the optimizer step of each logged batch. Validation means sit on
+    the reward and KL panels as markers, at the step of the weights they evaluated.
+    """
+    fig = Figure(figsize=(2 * FIGSIZE[0], 1.6 * FIGSIZE[1]), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    reward, kl, loss, length = fig.subplots(2, 2, sharex=True).flat
+    batch = {"color": TRAINING, "label": "training: mean as logged at each step"}
+    _steps(reward, rows, reward_key("train", "mean"), **batch)
+    for i, name in enumerate(reward_functions(rows)):
+        color = FUNCTION_COLORS[i % len(FUNCTION_COLORS)]
+        _steps(
+            reward, rows, reward_key("train", f"{name}/mean"), color=color, ls="--", label=f"reward function: {name}"
+        )
+    _validations(reward, rows, reward_key("val", "mean"), reward_key("val", "sem_prompts"))
+    _steps(kl, rows, kl_key("train", "rb", "mean"), **batch)
+    _validations(kl, rows, kl_key("val", "rb", "mean"), kl_key("val", "rb", "sem_prompts"))
+    _steps(loss, rows, LOSS, **batch)
+    _steps(length, rows, RESPONSE_LENGTH, **batch)
+    panels = {
+        reward: f"reward: {reward_name}" if reward_name else "reward",
+        kl: "KL(policy || reference), RB  [nats]",
+        loss: "loss",
+        length: "response length  [tokens]",
+    }
+    for ax, title in panels.items():
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if not ax.has_data():
+            ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", color="0.4")
+    for ax in (loss, length):
+        ax.set_xlabel("optimizer step")
+    last = next((r for r in reversed(rows) if _finite(r.get(LOSS))), {})
+    fig.suptitle(f"Training curves, per logged step ({sizes_text(last, 'train')} in the last row)", fontsize=11)
+    legend = {}  # one entry per label: the training line is in every panel
+    for ax in panels:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=2, fontsize=8)
+    return fig
 
 
 def precision_vs_samples(report: Mapping, max_factor: int = 64) -> Figure:

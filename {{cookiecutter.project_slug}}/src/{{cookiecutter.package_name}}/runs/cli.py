@@ -96,6 +96,7 @@ class CLI(ExplicitValuesWin, LightningCLI):
                     {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"},
                     {"class_path": f"{PACKAGE}.reports.callbacks.RewardVsKLPlot"},
                     {"class_path": f"{PACKAGE}.reports.callbacks.EstimatorVariancePlot"},
+                    {"class_path": f"{PACKAGE}.reports.callbacks.TrainingCurvesPlot"},
                     {
                         "class_path": f"{PACKAGE}.reports.callbacks.GradVariancePlot"
                     },  # draws once track_grad_variance logs
