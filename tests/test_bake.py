@@ -111,6 +111,7 @@ TEST_MODULES = [
     "test_lightning_internals",
     "test_lora",
     "test_metrics",
+    "test_mistakes",
     "test_objective",
     "test_options",
     "test_resume",
