@@ -113,6 +113,7 @@ TEST_MODULES = [
     "test_lightning_internals",
     "test_lora",
     "test_metrics",
+    "test_mistakes",
     "test_objective",
     "test_options",
     "test_resume",

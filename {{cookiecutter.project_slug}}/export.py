@@ -1,6 +1,7 @@
-"""Write a trained policy as a Hugging Face model folder: `python export.py CHECKPOINT OUT_DIR`.
+"""Write a trained policy as a Hugging Face model folder: `python export.py CHECKPOINT OUT_DIR [--replace]`.
 
-LoRA adapters are merged into the base model; the folder loads with `from_pretrained`.
+LoRA adapters are merged into the base model; the folder loads with `from_pretrained`. OUT_DIR must be
+new or empty; `--replace` swaps an earlier export for the new one whole.
 """
 
 from {{ cookiecutter.package_name }}.runs.export import main

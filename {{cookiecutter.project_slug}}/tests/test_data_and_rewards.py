@@ -8,12 +8,16 @@ from {{ cookiecutter.package_name }}.training.options import near_names
 from {{ cookiecutter.package_name }}.training.rewards import (
     FunctionReward,
     KeywordReward,
+    Reward,
     SentimentClassifierReward,
     VaderSentimentReward,
     as_reward,
     check_rewards,
     reward_config,
+    reward_name,
+    samples_per_prompt,
 )
+from {{ cookiecutter.package_name }}.training.rollout import score_responses
 
 
 def test_builtin_prompts_keep_validation_separate():
@@ -86,10 +90,28 @@ def test_classifier_reward_reencodes_text_and_uses_the_positive_logit(hf_checkpo
 
 
 def test_check_rewards_refuses_wrong_shapes_and_names_non_finite_texts():
-    with pytest.raises(ValueError, match=r"one value per response: expected \(2,\)"):
+    with pytest.raises(ValueError, match=r"^the reward returned 3 values for 2 responses \(2 prompts x 1 samples"):
         check_rewards(torch.zeros(3), ["a", "b"], ["c", "d"])
     with pytest.raises(ValueError, match="non-finite reward inf for prompt 'b' and response 'd'"):
         check_rewards(torch.tensor([0.0, float("inf")]), ["a", "b"], ["c", "d"])
+
+
+class TwoColumns(Reward):
+    def __call__(self, prompts, responses):
+        return torch.zeros(len(responses), 1)
+
+
+def test_a_reward_of_the_wrong_shape_is_named_with_the_rollout_numbers():
+    # 3 prompts x 2 samples; "p" comes twice, apart: the groups are the runs of equal adjacent prompts.
+    prompts = ["p", "p", "q", "q", "p", "p"]
+    assert samples_per_prompt(prompts) == 2 and samples_per_prompt(["a"] * 3 + ["b"] * 6) == 3
+    with pytest.raises(
+        ValueError,
+        match=r"^reward TwoColumns returned a tensor of shape \(6, 1\) for 6 responses "
+        r"\(3 prompts x 2 samples per prompt: sampling.samples_per_prompt when training",
+    ):
+        score_responses(TwoColumns(), prompts, list("abcdef"), torch.device("cpu"))
+    assert reward_name(as_reward(trl_style)) == "trl_style" and reward_name(KeywordReward(["a"])) == "KeywordReward"
 
 
 def test_hub_source_cuts_reviews_to_2_to_8_tokens(monkeypatch, hf_checkpoints):

@@ -73,7 +73,12 @@ def test_a_lora_checkpoint_holds_the_adapter_and_resumes_it(tiny_trainer, tmp_pa
     [
         (
             {"lora": {"target_modules": ["q_proj"]}},
-            "match no layer of the policy; its linear layers are named .*c_attn",
+            r"\['q_proj'\] match no layer of the policy; its linear layers are named c_attn, c_fc, c_proj, lm_head$",
+        ),
+        (
+            # peft alone would adapt c_attn and say nothing of q_proj
+            {"lora": {"target_modules": ["c_attn", "q_proj"]}},
+            r"\['c_attn', 'q_proj'\]: 'q_proj' matches no layer of the policy \(peft would adapt the others alone\)",
         ),
         ({"lora": {"dropout": 0.1}}, "lora dropout must be 0"),
         ({"lora": {"rank": 4}}, "unknown lora setting"),

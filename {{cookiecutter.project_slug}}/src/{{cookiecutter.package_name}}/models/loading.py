@@ -7,6 +7,7 @@ so the offline default trains with no download at all.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,6 +71,74 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token (§6.4: masks use the first EOS)
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+# Files of a saved tokenizer: a folder without any holds none (transformers 5 would build an empty
+# tokenizer of the config's model type from config.json alone rather than say so).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def own_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase | None:
+    """The tokenizer that comes with a model, as saved (no padding changes), or None where it has none."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        parse_builtin(name_or_path)
+        return builtin_tokenizer()
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:  # a hub model without one, or a format this install cannot read
+        warnings.warn(
+            f"the tokenizer of {name_or_path!r} did not load ({str(error).splitlines()[0]}), so it was not "
+            "compared with the policy's",
+            UserWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def vocabulary_differences(policy: PreTrainedTokenizerBase, reference: PreTrainedTokenizerBase) -> list[str]:
+    """What differs between two tokenizers' token -> id maps and special tokens, in words ([]: nothing)."""
+    p, r = policy.get_vocab(), reference.get_vocab()
+    moved = sorted((t for t in p if t in r and p[t] != r[t]), key=p.__getitem__)
+    only_policy = sorted((t for t in p if t not in r), key=p.__getitem__)
+    only_reference = sorted((t for t in r if t not in p), key=r.__getitem__)
+    differences = []
+    if moved:
+        t = moved[0]
+        differences.append(
+            f"{len(moved)} of {len(p)} tokens map to other ids (e.g. {t!r}: {p[t]} for the policy, {r[t]} for the "
+            "reference)"
+        )
+    if only_policy:
+        differences.append(
+            f"{len(only_policy)} of the policy's tokens are not in the reference's (e.g. {only_policy[0]!r})"
+        )
+    if only_reference:
+        differences.append(
+            f"{len(only_reference)} of the reference's tokens are not in the policy's (e.g. {only_reference[0]!r})"
+        )
+    # A token special to one and plain to the other: both vocabularies hold it, only one skips it in text.
+    special = set(policy.all_special_tokens) ^ set(reference.all_special_tokens)
+    special = sorted(t for t in special if t in p and t in r)
+    if special:
+        differences.append(f"{len(special)} token(s) are special to only one of them (e.g. {special[0]!r})")
+    return differences
+
+
+def check_same_tokenizer(
+    policy: PreTrainedTokenizerBase, reference: PreTrainedTokenizerBase, policy_name: str, reference_name: str
+) -> None:
+    """Refuse a reference whose tokenizer gives the policy's ids other meanings: the KL would compare
+    probabilities of different words, and an equal number of logits does not show it."""
+    differences = vocabulary_differences(policy, reference)
+    if differences:
+        raise ValueError(
+            f"the tokenizers of the policy ({policy_name}) and the reference ({reference_name}) differ: "
+            f"{'; '.join(differences)}; KL(policy || reference) compares the two models id by id, so set "
+            "model.init_args.reference to a model that uses the policy's tokenizer"
+        )
 
 
 def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:

@@ -41,6 +41,22 @@ def apply_lora(model: nn.Module, settings: LoRA) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = settings.target_modules
+    if isinstance(targets, list | tuple):
+        # peft refuses a list that matches nothing but takes one that matches in part: an adapter on
+        # fewer layers than asked, and a typo that trains silently.
+        names = [name for name, _ in model.named_modules()]
+        missing = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+        if missing:
+            if len(missing) == len(targets):
+                which, partial = f"{list(targets)!r} match", ""
+            else:
+                verb = "matches" if len(missing) == 1 else "match"
+                which = f"{list(targets)!r}: {', '.join(map(repr, missing))} {verb}"
+                partial = " (peft would adapt the others alone)"
+            raise ValueError(
+                f"lora target_modules {which} no layer of the policy{partial}; its linear layers are named "
+                f"{', '.join(linear_layer_names(model))}"
+            )
     config = LoraConfig(
         r=settings.r,
         lora_alpha=2 * settings.r if settings.alpha is None else settings.alpha,
@@ -60,12 +76,13 @@ def apply_lora(model: nn.Module, settings: LoRA) -> nn.Module:
     except ValueError as error:
         if "target_modules" not in str(error) and "Target modules" not in str(error):
             raise
-        layers = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if _adaptable(m)})
         raise ValueError(
             f"lora target_modules {targets!r} match no layer of the policy; its linear layers are named "
-            f"{', '.join(layers)}"
+            f"{', '.join(linear_layer_names(model))}"
         ) from None
 
 
-def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear | nn.Embedding) or type(module).__name__ == "Conv1D"
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """The last parts of the names of the model's linear layers (GPT-2's are transformers' Conv1D)."""
+    linear = (m for m in model.named_modules() if isinstance(m[1], nn.Linear) or type(m[1]).__name__ == "Conv1D")
+    return sorted({name.rpartition(".")[2] for name, _ in linear})

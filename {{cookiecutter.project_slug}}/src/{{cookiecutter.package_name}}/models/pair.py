@@ -20,11 +20,13 @@ from .lm_head import backbone, check_linear_head, output_head
 from .loading import (
     build_policy,
     check_local_folder,
+    check_same_tokenizer,
     check_same_vocabulary,
     freeze,
     load_causal_lm,
     load_tokenizer,
     output_vocab_size,
+    own_tokenizer,
     trained_weight_names,
 )
 from .lora import LoRA
@@ -59,6 +61,11 @@ class ModelPair:
             if name is not None:
                 check_local_folder(name, f"model.init_args.{option}")
         loaded_tokenizer = load_tokenizer(tokenizer or policy, trust_remote_code)
+        if reference is not None and reference not in (policy, tokenizer or policy):
+            # A reference of its own may come with a tokenizer of its own: its ids must mean the policy's words.
+            reference_tokenizer = own_tokenizer(reference, trust_remote_code)
+            if reference_tokenizer is not None:
+                check_same_tokenizer(loaded_tokenizer, reference_tokenizer, tokenizer or policy, reference)
         model = build_policy(policy, dtype, trust_remote_code, lora)
         shared = lora is not None and reference is None
         frozen = None if shared else freeze(load_causal_lm(reference or policy, dtype, trust_remote_code))

@@ -8,6 +8,8 @@ tokenizer re-encodes it (docs/estimators.md §6.7).
 
 from __future__ import annotations
 
+import itertools
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
@@ -61,12 +63,31 @@ def reward_config(reward: object) -> object:
     return reward.as_dict() if hasattr(reward, "as_dict") else reward
 
 
-def check_rewards(rewards: Tensor, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
-    """Rewards must be one finite float per response; name the text that broke the rule."""
+def reward_name(reward: object) -> str:
+    """What messages and plots call a reward: a function's name, or its class's."""
+    return getattr(reward, "name", None) or type(reward).__name__
+
+
+def samples_per_prompt(prompts: Sequence[str]) -> int:
+    """k of prompts repeated k times each, adjacent (the rollout's order): the gcd of the runs'
+    lengths, since equal prompts next to each other make one run of a multiple of k."""
+    runs = [len(list(run)) for _, run in itertools.groupby(prompts)]
+    return math.gcd(*runs) if runs else 1
+
+
+def check_rewards(rewards: Tensor, prompts: Sequence[str], responses: Sequence[str], name: str | None = None) -> Tensor:
+    """Rewards must be one finite float per response; name the text that broke the rule.
+
+    `prompts` are repeated per response, as the rollout repeats them; `name`: the reward's."""
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     if rewards.shape != (len(responses),):
+        k = samples_per_prompt(prompts)
+        who = f"reward {name}" if name else "the reward"
+        got = f"{rewards.shape[0]} values" if rewards.ndim == 1 else f"a tensor of shape {tuple(rewards.shape)}"
         raise ValueError(
-            f"a reward must return one value per response: expected ({len(responses)},), got {tuple(rewards.shape)}"
+            f"{who} returned {got} for {len(responses)} responses ({len(responses) // k} prompts x {k} "
+            "samples per prompt: sampling.samples_per_prompt when training, val_samples_per_prompt or "
+            "test_samples_per_prompt when evaluating); a reward returns one value per response, in their order"
         )
     bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
     if bad:

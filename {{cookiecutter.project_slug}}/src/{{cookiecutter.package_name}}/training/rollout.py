@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..models.sampler import Samples, sample_fast, sample_responses, sampling_config, static_cache
 from .options import Sampling
-from .rewards import Reward, check_rewards
+from .rewards import Reward, check_rewards, reward_name
 
 
 @dataclass
@@ -169,4 +169,4 @@ def score_responses(
     """Rewards [N] for repeated prompts and their responses (zeros without a reward), checked."""
     if reward is None:
         return torch.zeros(len(responses), device=device)
-    return check_rewards(reward(prompts, responses), prompts, responses).to(device)
+    return check_rewards(reward(prompts, responses), prompts, responses, reward_name(reward)).to(device)
