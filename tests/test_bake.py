@@ -48,6 +48,7 @@ PROJECT_FILES = [
     "docs/resume.md",
     "docs/reward_vs_kl.png",
     "docs/scaling.md",
+    "docs/vllm.md",
     "export.py",
     "pyproject.toml",
     "sweep.py",
