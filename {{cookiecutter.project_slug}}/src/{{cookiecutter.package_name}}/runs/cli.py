@@ -129,9 +129,10 @@ class CLI(ExplicitValuesWin, LightningCLI):
             path, saved = readable_checkpoint(path, fall_back=ckpt_path == "last")
         except UnreadableCheckpoint as error:
             sys.exit(f"error: {error}")
-        saved_model, moved = model_config(saved["hparams"])
-        if moved:
-            print(f"{path} predates the option groups; its options are read as: {', '.join(moved)}", file=sys.stderr)
+        try:
+            saved_model = model_config(saved["hparams"])
+        except ValueError as error:  # a checkpoint this project cannot read the options of
+            sys.exit(f"error: {path}: {error}")
         if saved_model is not None:
             # The checkpoint's model settings go first: every value given in a config file or on
             # the command line comes later and wins; what is not given stays the checkpoint's.
@@ -241,8 +242,6 @@ class CLI(ExplicitValuesWin, LightningCLI):
         # checkpoint here, and a resume from the command line alone gets it back.
         reward = self.config[self.subcommand]["model"]["init_args"].get("reward") if self.subcommand else None
         self.model.hparams["reward"] = reward_config(reward)
-        if self.resumed_from is not None and hasattr(self.model, "accepts_flat_checkpoint"):
-            self.model.accepts_flat_checkpoint = True  # parse_arguments moved its options into their groups
 
 
 def _subcommand_and_checkpoint(argv: list[str]) -> tuple[str | None, str | None]:
