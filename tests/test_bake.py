@@ -81,6 +81,7 @@ PACKAGE_MODULES = [
     "reports/sweep",
     "runs/__init__",
     "runs/cli",
+    "runs/cli_errors",
     "runs/display",
     "runs/export",
     "runs/folders",

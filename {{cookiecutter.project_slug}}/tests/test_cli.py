@@ -69,6 +69,32 @@ def test_a_config_before_the_subcommand_is_not_accepted():
     assert exit_info.value.code not in (0, None)
 
 
+def test_the_checkpoint_settings_go_first_so_that_config_files_and_options_win(tmp_path, capsys):
+    from {{ cookiecutter.package_name }}.runs.cli import checkpoint_settings_first
+    from {{ cookiecutter.package_name }}.training.module import RBKLModule
+
+    argv = ["fit", "--config", "a.yaml", "--trainer.max_steps=2"]
+    spliced = checkpoint_settings_first(argv, "fit", {"class_path": "C", "init_args": {"objective": {"beta": 0.3}}})
+    assert spliced == ["fit", "--model", '{"class_path": "C", "init_args": {"objective": {"beta": 0.3}}}', *argv[1:]]
+    # Through the CLI: the checkpoint's settings where nothing given now sets them.
+    saved = {"objective": {"beta": 0.3, "advantage": "grpo"}, "sampling": {"max_new_tokens": 5, "sampler": "hf"}}
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save(
+        {"global_step": 3, "hyper_parameters": {"_class_path": f"{RBKLModule.__module__}.RBKLModule", **saved}},
+        checkpoint,
+    )
+    args = ["fit", "--config", str(PROJECT / "configs/default.yaml"), "--ckpt_path", str(checkpoint)]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args=[*args, "--model.init_args.objective.beta=0.5", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    init = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert init["objective"]["beta"] == 0.5, "the command line wins over the checkpoint"
+    assert init["sampling"]["max_new_tokens"] == 12, "a config file (default.yaml) wins over the checkpoint"
+    assert init["objective"]["advantage"] == "grpo" and init["sampling"]["sampler"] == "hf", (
+        "not given: the checkpoint's"
+    )
+
+
 @pytest.mark.parametrize(
     "arg, sentence",
     [

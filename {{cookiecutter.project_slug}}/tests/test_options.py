@@ -6,7 +6,7 @@ import pytest
 
 from {{ cookiecutter.package_name }}.kl.objective import Objective
 from {{ cookiecutter.package_name }}.training.module import RBKLModule
-from {{ cookiecutter.package_name }}.training.options import LoRA, Optimization, Sampling, Updates, as_group, nest_flat_options
+from {{ cookiecutter.package_name }}.training.options import LoRA, Optimization, Sampling, Updates, as_group
 
 
 @pytest.mark.parametrize(
@@ -43,16 +43,3 @@ def test_the_module_keeps_each_group_and_its_hyperparameters_hold_plain_dicts():
     # What load_from_checkpoint does: the saved dicts back into the constructor.
     again = RBKLModule(**{k: v for k, v in module.hparams.items() if k != "reward"})
     assert again.objective == module.objective and again.lora == module.lora
-
-
-def test_flat_options_of_an_older_checkpoint_move_into_their_groups():
-    nested, moved = nest_flat_options({"policy": "p", "beta": 0.1, "lr": 1e-3, "ppo_epochs": 2, "lora": None})
-    assert nested == {
-        "policy": "p",
-        "lora": None,
-        "objective": {"beta": 0.1},
-        "updates": {"ppo_epochs": 2},
-        "optimization": {"lr": 1e-3},
-    }
-    assert moved == ["beta -> objective.beta", "ppo_epochs -> updates.ppo_epochs", "lr -> optimization.lr"]
-    assert nest_flat_options(nested) == (nested, []), "grouped hyperparameters come back unchanged"

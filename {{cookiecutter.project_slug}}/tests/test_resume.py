@@ -192,30 +192,33 @@ def test_a_new_metrics_column_rewrites_the_file_atomically(tmp_path, monkeypatch
     assert got == [("0", "0.5", ""), ("1", "", "0.7")]
 
 
-@pytest.mark.slow
-def test_a_checkpoint_written_before_the_option_groups_resumes_with_its_options_moved(tmp_path):
-    # An option that configs/default.yaml does not set, so the checkpoint's value is the one resumed.
-    trained = run(tmp_path, "--trainer.max_steps=3", "--model.init_args.objective.advantage=grpo")
-    assert trained.returncode == 0, trained.stderr[-4000:]
-    checkpoint = only_run(tmp_path) / "checkpoints" / "last.ckpt"
-    # The hyperparameters as the previous release wrote them: every option at the top level.
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    hparams = saved["hyper_parameters"]
-    for group in ("objective", "sampling", "updates", "optimization"):
-        hparams.update(hparams.pop(group))
-    torch.save(saved, checkpoint)
-    resumed = run(tmp_path, "--ckpt_path", "last", "--trainer.max_steps=5")
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "predates the option groups; its options are read as: beta -> objective.beta" in resumed.stderr
-    config = yaml.safe_load((only_run(tmp_path) / "config.resumed-at-step-3.yaml").read_text())
-    assert config["model"]["init_args"]["objective"]["advantage"] == "grpo", "the old checkpoint's, not the default"
-    assert [int(r["step"]) for r in train_rows(only_run(tmp_path))] == list(range(5))
-    # Loaded from Python, it would build with the defaults and drop its options: refused instead.
+def test_a_checkpoint_without_the_option_groups_is_refused_in_one_sentence(tmp_path):
+    import train
     from {{ cookiecutter.package_name }}.training.module import RBKLModule
 
-    torch.save(saved, checkpoint)
-    with pytest.raises(ValueError, match="written before the options were grouped .beta -> objective.beta"):
-        RBKLModule.load_from_checkpoint(checkpoint)
+    module = RBKLModule()
+    # The hyperparameters as a release before the option groups wrote them: every option at the top level.
+    flat = {
+        "_class_path": f"{RBKLModule.__module__}.RBKLModule",
+        "policy": "builtin:tiny-gpt2",
+        "beta": 0.1,
+        "lr": 1e-3,
+    }
+    checkpoint = tmp_path / "old.ckpt"
+    torch.save({"global_step": 3, "state_dict": module.state_dict(), "hyper_parameters": flat}, checkpoint)
+    sentence = (
+        "the checkpoint was written before the options were grouped (beta, lr, ... at the top level of its "
+        "hyperparameters, not objective.beta, optimization.lr, ...): this project does not read such checkpoints; "
+        "train again, or continue it with the template release that wrote it"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["fit", "--config", str(PROJECT / "configs/default.yaml"), "--ckpt_path", str(checkpoint)])
+    assert exit_info.value.code == f"error: {checkpoint}: {sentence}"
+    # Loaded from Python, it would build with the defaults and drop its options: refused as well.
+    with pytest.raises(ValueError) as refused:
+        module.on_load_checkpoint(torch.load(checkpoint, weights_only=False))
+    assert str(refused.value) == sentence
+    module.on_load_checkpoint({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)})
 
 
 @pytest.mark.slow

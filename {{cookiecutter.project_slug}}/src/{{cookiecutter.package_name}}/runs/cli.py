@@ -9,18 +9,12 @@ and exit with 143 and 130, so a scheduler never mistakes an interrupted run for 
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import inspect
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
-import traceback
-import typing
 import warnings
 from pathlib import Path
 
@@ -30,8 +24,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from ..training.data import PromptDataModule
 from ..training.lightning_internals import ExplicitValuesWin
 from ..training.module import RBKLModule
-from ..training.options import near_names, option_groups
 from ..training.rewards import reward_config
+from .cli_errors import OneSentenceParser, refuse, report_error, yaml_syntax_error
 from .folders import (
     LastCheckpoint,
     UnreadableCheckpoint,
@@ -115,6 +109,8 @@ class CLI(ExplicitValuesWin, LightningCLI):
             return super().parse_arguments(parser, args)
         argv = list(sys.argv[1:] if args is None else args)
         self.argv = list(argv)
+        if sentence := yaml_syntax_error(argv):
+            refuse(sentence)
         subcommand, ckpt_path = _subcommand_and_checkpoint(argv)
         if ckpt_path is None:
             return super().parse_arguments(parser, args)
@@ -130,14 +126,12 @@ class CLI(ExplicitValuesWin, LightningCLI):
             path, saved = readable_checkpoint(path, fall_back=ckpt_path == "last")
         except UnreadableCheckpoint as error:
             sys.exit(f"error: {error}")
-        saved_model, moved = model_config(saved["hparams"])
-        if moved:
-            print(f"{path} predates the option groups; its options are read as: {', '.join(moved)}", file=sys.stderr)
+        try:
+            saved_model = model_config(saved["hparams"])
+        except ValueError as error:  # a checkpoint this project cannot read the options of
+            sys.exit(f"error: {path}: {error}")
         if saved_model is not None:
-            # The checkpoint's model settings go first: every value given in a config file or on
-            # the command line comes later and wins; what is not given stays the checkpoint's.
-            at = argv.index(subcommand) + 1
-            argv[at:at] = ["--model", json.dumps(saved_model)]
+            argv = checkpoint_settings_first(argv, subcommand, saved_model)
         self.config = parser.parse_args(argv)
         self.config[subcommand]["ckpt_path"] = str(path)
         if saved_model is not None:
@@ -242,8 +236,6 @@ class CLI(ExplicitValuesWin, LightningCLI):
         # checkpoint here, and a resume from the command line alone gets it back.
         reward = self.config[self.subcommand]["model"]["init_args"].get("reward") if self.subcommand else None
         self.model.hparams["reward"] = reward_config(reward)
-        if self.resumed_from is not None and hasattr(self.model, "accepts_flat_checkpoint"):
-            self.model.accepts_flat_checkpoint = True  # parse_arguments moved its options into their groups
 
 
 def _subcommand_and_checkpoint(argv: list[str]) -> tuple[str | None, str | None]:
@@ -257,168 +249,17 @@ def _subcommand_and_checkpoint(argv: list[str]) -> tuple[str | None, str | None]
     return subcommand, None
 
 
-def _moved_option(argv: list[str]) -> str | None:
-    """'model.init_args.beta is now model.init_args.objective.beta' for an option of the old flat form."""
-    groups = {f.name: group for group, cls in option_groups().items() for f in dataclasses.fields(cls)}
-    for arg in argv:
-        if isinstance(arg, str) and arg.startswith("--model.init_args."):
-            name = arg.removeprefix("--model.init_args.").split("=", 1)[0]
-            if name in groups:
-                return (
-                    f"model.init_args.{name} is now model.init_args.{groups[name]}.{name} (the options are grouped; "
-                    "python train.py fit --model.help RBKLModule lists them)"
-                )
-    return None
+def checkpoint_settings_first(argv: list[str], subcommand: str, model: dict) -> list[str]:
+    """The command line with the checkpoint's model settings given first, right after the subcommand.
 
-
-def _innermost(error: BaseException) -> BaseException:
-    """The exception at the bottom of a chain: the sentence our code raised, not a wrapper's."""
-    # `raise ... from None` hides the context on purpose: the sentence is the one raised then.
-    while (inner := error.__cause__ or (None if error.__suppress_context__ else error.__context__)) is not None:
-        error = inner
-    return error
-
-
-class OneSentenceParser(LightningArgumentParser):
-    """A parser that answers a mistake with one line, what was wrong and the fix, instead of its usage."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        if not self.exit_on_error:  # a parser that reports to its caller (one alternative of a union)
-            return super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        sys.stderr.write(f"error: {_explain_parse_error(message, parser)}\n")
-        sys.exit(2)
-
-
-@dataclasses.dataclass
-class _ParseCause:
-    """The gist of jsonargparse's nested error text: where, in which class, and what was wrong."""
-
-    keys: list[str]
-    class_path: str | None
-    detail: str
-    given: str | None
-
-
-# Lines of jsonargparse's union report that say nothing about this mistake.
-_UNION_NOISE = ("Does not validate against any", "Subtypes:", "Errors:", "Given value type:")
-
-
-def _parse_cause(message: str) -> _ParseCause:
-    """The innermost cause in jsonargparse's error text: a failed union or subclass keeps the real
-    reason (an unknown key, an import error) in the lines above its "Does not validate" summary."""
-    cause = _ParseCause([], None, "", None)
-    expected: list[str] = []
-    for line in (line.strip() for line in message.strip().splitlines()):
-        if match := re.fullmatch(r'Parser key "(.+?)":(.*)', line):
-            cause.keys.append(match[1])
-            cause.detail, expected = match[2].strip(), []
-        elif line.startswith("- Problem with given class_path '"):
-            cause.class_path = line.split("'")[1]
-            cause.detail, expected = "", []
-        elif line.startswith("Given value:"):
-            cause.given = cause.given or line.removeprefix("Given value:").strip()
-        elif line.startswith("- Expected a <class '"):
-            expected.append(line.split("'")[1].replace("NoneType", "null"))
-        elif line and not line.startswith(_UNION_NOISE) and not cause.detail:
-            cause.detail = line.removeprefix("- ")
-    if not cause.detail and expected:
-        cause.detail = f"expected {' or '.join(expected)}" + (f", got {cause.given!r}" if cause.given else "")
-    cause.detail = cause.detail or message.strip().splitlines()[-1].strip()
-    return cause
-
-
-def _explain_parse_error(message: str, parser: LightningArgumentParser) -> str:
-    """One sentence for a command line or config that does not parse: what was wrong, and the fix."""
-    cause = _parse_cause(message)
-    where = ".".join(["model", "init_args", *cause.keys[1:]] if cause.keys[:1] == ["model"] else cause.keys)
-    detail = cause.detail
-    if match := re.fullmatch(r"Option '(.+)' is not accepted before subcommand '(\w+)'", detail):
-        return (
-            f"options go after the subcommand: python train.py {match[2]} --config FILE [--other.options] "
-            f"(--config or an option came before '{match[2]}')"
-        )
-    unknown = _unknown_options(detail)
-    if unknown and cause.class_path:  # an option of a class given by class_path (the model, a reward)
-        prefix = (where if where.endswith("init_args") else f"{where}.init_args") + "."
-        known = _class_options(cause.class_path)
-        listing = (
-            f"python train.py fit --{prefix.removesuffix('.init_args.')}.help {cause.class_path.rsplit('.', 1)[-1]}"
-        )
-        return "; ".join(_unknown_option_sentence(prefix, name, known, listing) for name in unknown)
-    if unknown:
-        known = {option.lstrip("-") for option in parser._option_string_actions if option.startswith("--")}
-        return "; ".join(_unknown_option_sentence("", name, known, "python train.py fit --help") for name in unknown)
-    if cause.class_path and re.match(r"No module named|cannot import name|module '.+' has no attribute", detail):
-        return (
-            f"{where}: cannot import class_path {cause.class_path!r}: {detail} (a module of your own goes in "
-            "the project root, next to train.py, which is on its import path)"
-        )
-    return f"{where}: {detail}" if where else detail
-
-
-def _unknown_options(detail: str) -> list[str]:
-    """The option names a jsonargparse message refuses as unknown, without dashes or values."""
-    if detail.startswith("unrecognized arguments: "):
-        given = detail.removeprefix("unrecognized arguments: ").split()
-        return [arg.lstrip("-").split("=", 1)[0] for arg in given if arg.startswith("--")]
-    if match := re.fullmatch(r"(?:Option|Key) '(.+)' is not (?:accepted|expected)", detail):
-        return [match[1]]
-    if match := re.fullmatch(r"Subcommand '\w+' does not accept option '(.+)'", detail):
-        return [match[1]]
-    return []
-
-
-def _unknown_option_sentence(prefix: str, name: str, known: set[str], listing: str) -> str:
-    """'--model.init_args.betta is not an option; near names: --model.init_args.objective.beta'."""
-    option = prefix + name
-    moved = _moved_option([f"--{option}"])
-    if moved:
-        return moved
-    near = near_names(name, known)
-    hint = f"; near names: {', '.join('--' + prefix + n for n in near)}" if near else ""
-    return f"--{option} is not an option{hint} ({listing} lists them)"
-
-
-def _class_options(class_path: str) -> set[str]:
-    """The init arguments of a class, with the fields of option-group dataclasses as `group.field`."""
-    try:
-        module, _, name = class_path.rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # the names are a hint; the sentence stands without them
-        return set()
-    names = set()
-    for name in inspect.signature(cls.__init__).parameters:
-        if name in ("self", "args", "kwargs"):
-            continue
-        names.add(name)
-        for kind in (hints.get(name), *typing.get_args(hints.get(name))):
-            if dataclasses.is_dataclass(kind):
-                names |= {f"{name}.{field.name}" for field in dataclasses.fields(kind)}
-    return names
-
-
-def _explain_error(error: BaseException) -> str:
-    """The sentence of an error raised while the classes are built, with the fix where it is known."""
-    if match := re.fullmatch(r"Import path (\S+) does not correspond to a subclass of Reward", str(error)):
-        return (
-            f"model.init_args.reward: {match[1]} is not a Reward class; a reward function "
-            f"(prompts, completions, **kwargs) -> list[float] is given by its dotted path alone: reward: {match[1]}"
-        )
-    return str(error)
-
-
-def _refused_by_a_check(error: BaseException) -> bool:
-    """A ValueError or FileNotFoundError raised in this package: one of its checks, whose message
-    names the setting (a failure inside torch or a user's own code keeps its traceback)."""
-    frames = traceback.extract_tb(error.__traceback__)
-    package = Path(__file__).parents[1]
-    return (
-        isinstance(error, ValueError | FileNotFoundError)
-        and bool(frames)
-        and package in Path(frames[-1].filename).parents
-    )
+    jsonargparse applies arguments in order, so every config file and option given now, all later
+    in argv, wins over the checkpoint's settings, and what is not given now stays the checkpoint's.
+    LightningCLI's own reading of a checkpoint's hyperparameters (`_parse_ckpt_path`, switched off
+    by ExplicitValuesWin) merges them after the command line, over the values given now, and loads
+    the whole file where folders.read_checkpoint maps it.
+    """
+    at = argv.index(subcommand) + 1
+    return [*argv[:at], "--model", json.dumps(model), *argv[at:]]
 
 
 class _DropTips(logging.Filter):
@@ -498,12 +339,7 @@ def main(args=None) -> CLI:
     except Exception as error:
         if os.environ.get("RBKL_TRACEBACK"):
             raise
-        root = _innermost(error)
-        if root is error and not _refused_by_a_check(root):  # a failure while running: where it happened matters
-            traceback.print_exception(error)
-        else:  # a bad setting, refused by the config parser or by our checks: the sentence is what matters
-            sys.stderr.write("(RBKL_TRACEBACK=1 shows the traceback)\n")
-        sys.stderr.write(f"error: {_explain_error(root)}\n")
+        report_error(error)
         sys.exit(1)
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -26,6 +26,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..training.atomic_files import read_csv, write_csv
+from ..training.checkpoint_state import check_grouped
 from ..training.lightning_internals import (
     HeldSigterm,
     appending_experiment,
@@ -40,7 +41,7 @@ from ..training.lightning_internals import (
     validates_after_this_batch,
 )
 from ..training.log import row_held_by_checkpoint
-from ..training.options import complete_groups, nest_flat_options
+from ..training.options import complete_groups
 
 # Settings whose change between the checkpoint and the resumed run changes what is optimised
 # (a group's name covers all its fields).
@@ -257,15 +258,14 @@ def stop_report(cause: str, checkpoint: Path | None, argv: list[str] | None, sav
     return f"{saved}; continue with: {command}"
 
 
-def model_config(hparams: Mapping[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
-    """{class_path, init_args} of the module that wrote the checkpoint, from its hyperparameters,
-    and the options of an older checkpoint that were moved into their groups (`beta -> objective.beta`)."""
+def model_config(hparams: Mapping[str, Any]) -> dict[str, Any] | None:
+    """{class_path, init_args} of the module that wrote the checkpoint, from its hyperparameters."""
+    check_grouped(hparams)
     hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
     class_path = hparams.pop("_class_path", None)
     if class_path is None:
-        return None, []
-    init_args, moved = nest_flat_options(hparams)
-    return {"class_path": class_path, "init_args": complete_groups(init_args)}, moved
+        return None
+    return {"class_path": class_path, "init_args": complete_groups(hparams)}
 
 
 def dotted(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

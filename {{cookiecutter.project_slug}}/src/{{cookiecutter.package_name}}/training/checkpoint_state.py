@@ -3,10 +3,11 @@ reference and the reward are rebuilt from the config)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .options import nest_flat_options
+from .options import option_groups
 
 
 def keep_only(checkpoint: dict[str, Any], keys: Sequence[str]) -> None:
@@ -15,14 +16,21 @@ def keep_only(checkpoint: dict[str, Any], keys: Sequence[str]) -> None:
         del state[key]
 
 
-def check_grouped(hparams: dict[str, Any], accepted: bool = False) -> None:
-    """Refuses a checkpoint written before the option groups, unless its options were moved (train.py
-    does); its flat options would otherwise be dropped and the module's defaults trained silently."""
-    _, moved = nest_flat_options(hparams)
-    if moved and not accepted:
+def check_grouped(hparams: Mapping[str, Any]) -> None:
+    """Refuses hyperparameters written before the options were grouped (`beta`, `lr`, ... at the top
+    level, no `objective` or `optimization`): the module would drop them and train its defaults
+    silently."""
+    examples = []  # (flat name, grouped name): one for each group found flat
+    for group, cls in option_groups().items():
+        flat = [field.name for field in dataclasses.fields(cls) if field.name in hparams]
+        if flat and group not in hparams:
+            examples.append((flat[0], f"{group}.{flat[0]}"))
+    if examples:
+        shown = examples[:2]
         raise ValueError(
-            f"the checkpoint was written before the options were grouped ({', '.join(moved[:3])}, ...): load "
-            "it through train.py (--ckpt_path), which moves its options into their groups"
+            f"the checkpoint was written before the options were grouped ({', '.join(old for old, _ in shown)}, ... "
+            f"at the top level of its hyperparameters, not {', '.join(new for _, new in shown)}, ...): this project "
+            "does not read such checkpoints; train again, or continue it with the template release that wrote it"
         )
 
 

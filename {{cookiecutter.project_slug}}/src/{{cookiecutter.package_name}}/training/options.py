@@ -229,18 +229,6 @@ def complete_groups(options: dict[str, Any]) -> dict[str, Any]:
     return complete
 
 
-def nest_flat_options(hparams: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """A checkpoint's hyperparameters written before the options were grouped (`beta`, `lr`, ... at the
-    top level) -> the grouped form, and the names that moved; grouped ones come back unchanged."""
-    nested, moved = dict(hparams), []
-    for group, cls in option_groups().items():
-        flat = [f.name for f in dataclasses.fields(cls) if f.name in nested]
-        if flat:
-            nested[group] = {**(nested.get(group) or {}), **{name: nested.pop(name) for name in flat}}
-            moved += [f"{name} -> {group}.{name}" for name in flat]
-    return nested, moved
-
-
 def near_names(name: str, known: set[str] | list[str], n: int = 4) -> list[str]:
     """The known option names a mistyped `name` was probably meant as, nearest first.
 
