@@ -22,6 +22,7 @@ from typing import Any
 
 from {{ cookiecutter.package_name }}.kl.objective import Objective
 from {{ cookiecutter.package_name }}.models.lora import LoRA
+from {{ cookiecutter.package_name }}.models.vllm_engine import VLLMSettings
 from {{ cookiecutter.package_name }}.training import rewards
 from {{ cookiecutter.package_name }}.training.data import PromptDataModule
 from {{ cookiecutter.package_name }}.training.module import RBKLModule
@@ -35,6 +36,7 @@ SECTIONS = [
     ("model.init_args", RBKLModule, "training/module.py"),
     ("model.init_args.objective", Objective, "kl/objective.py"),
     ("model.init_args.sampling", Sampling, "training/options.py"),
+    ("model.init_args.sampling.vllm", VLLMSettings, "models/vllm_engine.py"),
     ("model.init_args.updates", Updates, "training/options.py"),
     ("model.init_args.optimization", Optimization, "training/options.py"),
     ("model.init_args.lora", LoRA, "models/lora.py"),
