@@ -188,11 +188,12 @@ class PromptGroupedStats(Metric):
 class GradVarianceStats(Metric):
     """Means over prompts of per-prompt gradient variances, and ratios of them, with standard errors.
 
-    Each prompt contributes one row of the five within-prompt variances (grad_variance.py); the
+    Each prompt contributes one row of the five variances of one quantity (grad_variance.py); the
     state is the count, the column sums and the cross-product sums in float64, summed over ranks.
     Plain sums suffice here, unlike for the KL values: a variance estimate's spread over prompts is
-    of the order of its mean, not 1e-8 of it. The ratios are ratios of means; their standard errors
-    come from the delta method with the covariance of the two means over prompts.
+    of the order of its mean, not 1e-8 of it. The cross terms (CROSS_TERMS) are linear combinations
+    of the column means, the ratios (RATIOS) ratios of such combinations; their standard errors come
+    from the covariance of the column means over prompts (the delta method for the ratios).
 
     Example:
         >>> m = GradVarianceStats()
