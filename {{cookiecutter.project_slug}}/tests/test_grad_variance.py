@@ -493,3 +493,52 @@ def test_training_logs_the_three_quantities_every_n_steps_and_leaves_training_al
     for off, on in zip(rows[None], rows[2], strict=True):
         assert off == {k: v for k, v in on.items() if k in off}
     assert not [k for k in rows[None][0] if "/grad_var/" in k]
+
+
+def test_the_training_probe_composes_the_two_groups_as_documented():
+    # With exact contrasts every quantity is a function of the two groups' per-sample gradients,
+    # here one backward per sample and part on the tiny GPT-2.
+    from conftest import Characters
+
+    from {{ cookiecutter.package_name }}.training.module import RBKLModule
+    from {{ cookiecutter.package_name }}.training.options import Sampling, Updates
+
+    k = 3
+    torch.manual_seed(0)
+    module = RBKLModule(
+        reward=Characters(),
+        sampling=Sampling(samples_per_prompt=k, max_new_tokens=4),
+        updates=Updates(grad_variance_every_n_steps=1, grad_variance_contrasts=None),
+    )
+    probe, prompts = module.grad_variance, ["the cat", "a dog"]
+    first, second = module.rollout(prompts, k), module.rollout(prompts, k)
+    got = probe.at_training_size(first, second, step=0)
+    params = probe.trained_parameters()
+
+    def gradients(group, baselines):  # {part: [k, P]}, one backward per sample and part
+        stats = probe.stats(group.samples)
+        parts = update_parts(stats, group.samples.response_mask, group.rewards, baselines, probe.beta)
+        return {
+            name: torch.stack(
+                [
+                    torch.cat([g.flatten() for g in torch.autograd.grad(v[j], params, retain_graph=True)])
+                    for j in range(k)
+                ]
+            ).double()
+            for name, v in with_totals(parts).items()
+        }
+
+    for i in range(len(prompts)):
+        one, two = (r.select(torch.tensor([i])) for r in (first, second))
+        g1, g2 = gradients(one, k), gradients(two, k)
+        b1, b2 = gradients(one, None), gradients(two, None)
+        for c, name in enumerate(GRAD_VAR_PARTS):
+            s2 = [(g - g.mean(0)).square().sum() / (k - 1) for g in (g1[name], g2[name])]
+            pooled = torch.cat([b1[name], b2[name]])
+            want = {
+                "spread": (s2[0] + s2[1]) / 2,
+                "update": k / 2 * (g1[name].mean(0) - g2[name].mean(0)).square().sum(),
+                "no_baseline": (pooled - pooled.mean(0)).square().sum() / (2 * k - 1),
+            }
+            for quantity, value in want.items():
+                torch.testing.assert_close(got[quantity][i, c], value, rtol=1e-4, atol=1e-9)
