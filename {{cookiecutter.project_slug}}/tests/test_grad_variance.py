@@ -1,9 +1,11 @@
-"""The gradient-variance estimator against exact enumeration, its metric, and the option end to end.
+"""The gradient-variance estimators against exact enumeration, their metric, and the options end to end.
 
-The exact answer is E over every ordered triple of strings (one prompt's K = 3 samples) of the
-within-group total variance sum_j ||g_j - g_bar||^2 / (K - 1) of the per-sample gradients, each g_j
-written out from the tabular model's own log-probabilities (docs/estimators.md §4-5, §10), not
-from the code under test.
+The exact answers, each g_j written out from the tabular model's own log-probabilities
+(docs/estimators.md §4-5, §10), not from the code under test:
+  spread       E over every ordered triple of strings (one prompt's K = 3 samples) of the within-group
+               sum_j ||g_j - g_bar||^2 / (K - 1), leave-one-out baselines in g_j
+  update       K tr Var(G) with G = g_bar, the same triples' mean update: K (E ||G||^2 - ||E G||^2)
+  no_baseline  tr Var(g) over single strings, g without baselines
 """
 
 import csv
@@ -19,16 +21,23 @@ from tabular_lm import TabularLM
 from {{ cookiecutter.package_name }}.kl.estimators import kl_to_go
 from {{ cookiecutter.package_name }}.kl.grad_variance import (
     contrast_generator,
+    difference_contrast,
+    joined,
     prompt_grad_variance,
     unit_contrasts,
     update_parts,
 )
 from {{ cookiecutter.package_name }}.kl.objective import Objective, rloo_kl_loss
-from {{ cookiecutter.package_name }}.kl.token_stats import masked_token_stats
+from {{ cookiecutter.package_name }}.kl.token_stats import TokenStats, astuple_shallow, masked_token_stats
+from {{ cookiecutter.package_name }}.training.grad_probe import grad_variance_due
 from {{ cookiecutter.package_name }}.training.metrics import GRAD_VAR_PARTS, RATIOS, GradVarianceStats, grad_var_key
 
 VOCAB, MAX_LEN, BETA, K = 3, 3, 1.0, 3
 GROUPS = 200  # sampled prompt groups for the estimator's mean
+# The update's variance: pairs of groups of KP samples, where the baselines correlate the samples
+# most (tr Cov ~ 1 / (k - 1)^2), so that the within-group spread misses it by many standard errors.
+KP = 2
+PAIRS = 400
 
 
 def reward_of(tokens, mask):
@@ -42,8 +51,9 @@ def models():
     return p, q
 
 
-def per_sample_gradients(p, q, tokens, mask):
-    """{part: [N, *table]} each sample's gradient, from the formulas of docs/estimators.md §5.
+def per_sample_gradients(p, q, tokens, mask, group_size=K):
+    """{part: [N, *table]} each sample's gradient, from the formulas of docs/estimators.md §5, with
+    leave-one-out baselines over groups of `group_size` adjacent samples (None: no baselines).
 
     Sample i's surrogate reads only its own logits (the other samples' terms are constants), so
     one backward to the logits gives every sample's gradient, added into the table's rows.
@@ -55,9 +65,11 @@ def per_sample_gradients(p, q, tokens, mask):
     d = (logp - logq_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask).detach()
     kl_t = (logp_all.exp() * (logp_all - logq_all)).sum(-1) * mask  # [N, T], differentiable
 
-    def others(x):  # the mean over the other K - 1 samples of the group
-        g = x.reshape(-1, K, *x.shape[1:])
-        return ((g.sum(1, keepdim=True) - g) / (K - 1)).reshape(x.shape)
+    def others(x):  # the mean over the other k - 1 samples of the group
+        if group_size is None:
+            return torch.zeros_like(x)
+        g = x.reshape(-1, group_size, *x.shape[1:])
+        return ((g.sum(1, keepdim=True) - g) / (group_size - 1)).reshape(x.shape)
 
     rewards = reward_of(tokens, mask)
     mc_weight = d.sum(-1) - others(d.sum(-1))  # [N]
@@ -188,6 +200,129 @@ def test_a_total_that_drops_the_kl_part_is_rejected(exact, sampled_groups):
     assert not passes(z) and abs(z["total_mc"]) > 4, z
 
 
+def with_totals(g):
+    return {**g, "total_mc": g["reward"] + g["kl_mc"], "total_rb": g["reward"] + g["kl_rb"]}
+
+
+@pytest.fixture(scope="module")
+def exact_update_and_no_baseline():
+    """{quantity: {part: exact value}}: KP tr Var(G) over every ordered KP-tuple, tr Var(g) without baselines."""
+    p, q = models()
+    strings, string_mask = p.strings()
+    with torch.no_grad():
+        single = p.log_prob(strings, string_mask).exp()  # [S]
+    index = torch.cartesian_prod(*[torch.arange(len(strings))] * KP).flatten()
+    weight = single[index].reshape(-1, KP).prod(1)  # [S^KP]
+    g = with_totals(per_sample_gradients(p, q, strings[index], string_mask[index], KP))
+    bare = with_totals(per_sample_gradients(p, q, strings, string_mask, group_size=None))
+
+    def variance(w, x):  # sum_i w_i ||x_i - E x||^2 for x [S, ...]
+        flat = x.reshape(len(x), -1)
+        return (w @ (flat - (w @ flat)).square().sum(1)).item()
+
+    return {
+        "update": {name: KP * variance(weight, g[name].reshape(-1, KP, *g[name].shape[1:]).mean(1)) for name in g},
+        "no_baseline": {name: variance(single, bare[name]) for name in bare},
+    }
+
+
+@pytest.fixture(scope="module")
+def sampled_pairs():
+    """PAIRS pairs of independent KP-sample groups of one prompt: per group, the parts with
+    leave-one-out baselines and without; and the 2KP samples' parts with baselines over all 2KP."""
+    p, q = models()
+    tokens, mask = p.sample(PAIRS * 2 * KP, torch.Generator().manual_seed(4))
+    rewards = reward_of(tokens, mask)
+    pairs = []
+    for start in range(0, len(tokens), 2 * KP):
+        rows = slice(start, start + 2 * KP)  # a graph per pair: each backward stays small
+        t, m, r = tokens[rows], mask[rows], rewards[rows]
+        both = masked_token_stats(p.logits(t), q.logits(t), t, m, kl_grad=True)
+        halves = [slice(0, KP), slice(KP, 2 * KP)]
+        stats = [TokenStats(*(field[h] for field in astuple_shallow(both))) for h in halves]
+        pairs.append(
+            {
+                "baselines": [update_parts(st, m[h], r[h], KP, BETA) for st, h in zip(stats, halves, strict=True)],
+                "bare": [update_parts(st, m[h], r[h], None, BETA) for st, h in zip(stats, halves, strict=True)],
+                "baselines_over_2k": update_parts(both, m, r, 2 * KP, BETA),
+            }
+        )
+    return p.table, pairs
+
+
+def pair_estimates(sampled_pairs, parts_of, contrasts_of):
+    """[GROUPS, 5]: prompt_grad_variance of parts_of(pair) with contrasts_of(generator)."""
+    table, pairs = sampled_pairs
+    generator = torch.Generator().manual_seed(5)
+    return torch.stack(
+        [prompt_grad_variance(parts_of(pair), [table], contrasts_of(generator)) for pair in pairs]
+    ).numpy()
+
+
+def spread_estimates(sampled_pairs):
+    """[PAIRS, 5]: the mean of the two groups' spread estimates (with baselines), as the probe logs `spread`."""
+    table, pairs = sampled_pairs
+    generator = torch.Generator().manual_seed(5)
+    rows = []
+    for pair in pairs:
+        spreads = [
+            prompt_grad_variance(parts, [table], unit_contrasts(KP, 1, generator)) for parts in pair["baselines"]
+        ]
+        rows.append(torch.stack(spreads).mean(0))
+    return torch.stack(rows).numpy()
+
+
+def test_the_update_variance_from_two_groups_is_unbiased(exact_update_and_no_baseline, sampled_pairs):
+    exact = exact_update_and_no_baseline["update"]
+    z = z_scores(
+        pair_estimates(sampled_pairs, lambda pair: joined(*pair["baselines"]), lambda g: difference_contrast(KP)), exact
+    )
+    assert passes(z), z
+
+
+def test_the_within_group_spread_taken_for_the_update_variance_is_rejected(exact_update_and_no_baseline, sampled_pairs):
+    # Each group alone (its spread, both groups' averaged) misses the (k - 1) tr Cov that the
+    # leave-one-out baselines put between the samples of a group.
+    spread = spread_estimates(sampled_pairs)
+    z = z_scores(spread, exact_update_and_no_baseline["update"])
+    assert not passes(z) and z["kl_rb"] < -4, z  # the spread is the smaller: tr Cov > 0
+
+
+def test_two_groups_sharing_their_baselines_are_rejected(exact_update_and_no_baseline, sampled_pairs):
+    # Baselines over all 2KP samples: the halves are no longer independent updates of size KP.
+    exact = exact_update_and_no_baseline["update"]
+    z = z_scores(
+        pair_estimates(sampled_pairs, lambda pair: pair["baselines_over_2k"], lambda g: difference_contrast(KP)), exact
+    )
+    assert not passes(z), z
+
+
+def test_the_variance_without_baselines_is_unbiased(exact_update_and_no_baseline, sampled_pairs):
+    exact = exact_update_and_no_baseline["no_baseline"]
+    z = z_scores(
+        pair_estimates(sampled_pairs, lambda pair: joined(*pair["bare"]), lambda g: unit_contrasts(2 * KP, 1, g)), exact
+    )
+    assert passes(z), z
+
+
+def test_baselines_left_in_are_rejected_for_the_variance_without_them(exact_update_and_no_baseline, sampled_pairs):
+    spread = spread_estimates(sampled_pairs)
+    z = z_scores(spread, exact_update_and_no_baseline["no_baseline"])
+    assert not passes(z), z
+
+
+def test_the_difference_contrast_is_a_unit_vector_between_the_two_group_means():
+    c = difference_contrast(4)
+    assert c.shape == (1, 8) and c.norm().item() == pytest.approx(1.0)
+    assert c[0, :4].sum().item() == pytest.approx(-c[0, 4:].sum().item()) == pytest.approx((4 / 2) ** 0.5)
+
+
+def test_the_training_measurement_is_due_once_per_multiple_of_n_steps():
+    assert [grad_variance_due(step, 1, 5) for step in range(11)] == [s % 5 == 0 for s in range(11)]
+    # Four updates per batch: the batch whose steps hold a multiple of N.
+    assert [grad_variance_due(first, 4, 10) for first in range(0, 24, 4)] == [True, False, True, False, False, True]
+
+
 def test_the_metric_reports_means_ratios_and_their_delta_method_errors():
     x = np.random.default_rng(0).gamma(2.0, 1.0, size=(50, 5)) + np.array([3.0, 1.0, 10.0, 14.0, 11.0])
     metric = GradVarianceStats()
@@ -204,6 +339,16 @@ def test_the_metric_reports_means_ratios_and_their_delta_method_errors():
         gradient[a], gradient[b] = 1 / mean[b], -mean[a] / mean[b] ** 2
         assert got[name] == pytest.approx(mean[a] / mean[b], rel=1e-12)
         assert got[f"{name}_sem"] == pytest.approx(np.sqrt(gradient @ cov @ gradient), rel=1e-9)
+    # The cross term total - reward - kl (2 tr Cov of the two parts) and its share of the total.
+    for name, (total, kl) in {"cross_mc": (3, 0), "cross_rb": (4, 1)}.items():
+        w = np.zeros(5)
+        w[total], w[2], w[kl] = 1.0, -1.0, -1.0
+        assert got[name] == pytest.approx(w @ mean, rel=1e-12)
+        assert got[f"{name}_sem"] == pytest.approx((x @ w).std(ddof=1) / np.sqrt(n), rel=1e-9)
+        share = (w @ mean) / mean[total]
+        d = w - share * np.eye(5)[total]
+        assert got[f"cross_share_{name[-2:]}"] == pytest.approx(share, rel=1e-12)
+        assert got[f"cross_share_{name[-2:]}_sem"] == pytest.approx(np.sqrt(d @ cov @ d) / mean[total], rel=1e-9)
 
 
 def _prompt_rows(prompts):
@@ -265,7 +410,7 @@ def test_train_py_logs_the_gradient_variances_with_the_option_on(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     logged = {key for row in rows for key, value in row.items() if value}
-    wanted = {grad_var_key("val", name) for name in (*GRAD_VAR_PARTS, *RATIOS)}
+    wanted = {grad_var_key("val", "spread", name) for name in (*GRAD_VAR_PARTS, *RATIOS)}
     assert wanted | {f"{key}_sem" for key in wanted} <= logged
     assert not {key for key in logged if key.startswith("train/grad_var")}, "measured at validation only"
 
@@ -290,7 +435,7 @@ def test_compare_runs_and_the_sweep_summary_report_the_ratios_per_run_and_grid_p
     from {{ cookiecutter.package_name }}.reports.compare_runs import compare, grid_point_grad_variance
     from {{ cookiecutter.package_name }}.reports.plots import gradient_variance
 
-    ratio, share = grad_var_key("val", "kl_mc_over_kl_rb"), grad_var_key("val", "kl_share_rb")
+    ratio, share = grad_var_key("val", "spread", "kl_mc_over_kl_rb"), grad_var_key("val", "spread", "kl_share_rb")
     runs = []
     for name, ratios in (("a", (4.0, 8.0)), ("b", (2.0, 4.0)), ("c", (3.0, 3.0))):
         folder = tmp_path / name
@@ -302,16 +447,98 @@ def test_compare_runs_and_the_sweep_summary_report_the_ratios_per_run_and_grid_p
         runs.append(folder)
     points = compare(runs, tmp_path / "out")["runs"]
     # Each run: the mean over its validations (a NaN validation left out).
-    assert [p["grad_var/kl_mc_over_kl_rb"] for p in points] == [6.0, 3.0, 3.0]
-    assert points[0]["grad_var/kl_share_rb"] == 0.5
-    row = grid_point_grad_variance(points)["grad_var/kl_mc_over_kl_rb"]
+    assert [p[ratio] for p in points] == [6.0, 3.0, 3.0]
+    assert points[0][share] == 0.5
+    row = grid_point_grad_variance(points)[ratio]
     assert row["mean"] == pytest.approx(4.0) and row["seeds"] == 3
     assert row["ci95"][0] < 4.0 < row["ci95"][1]
 
     history = [
-        {"epoch": float(e), **{grad_var_key("val", n): 1.0 + e for n in (*GRAD_VAR_PARTS, *RATIOS)}} for e in range(3)
+        {"epoch": float(e), **{grad_var_key("val", "spread", n): 1.0 + e for n in (*GRAD_VAR_PARTS, *RATIOS)}}
+        for e in range(3)
     ]
     figure = gradient_variance(history)
     assert all(ax.has_data() for ax in figure.axes) and len(figure.axes) == 2
     figure.savefig(tmp_path / "grad_variance.png")
     assert imread(tmp_path / "grad_variance.png").shape == (480, 1280, 4)
+
+
+def test_training_logs_the_three_quantities_every_n_steps_and_leaves_training_alone(tiny_trainer, tmp_path):
+    from conftest import Characters
+    from lightning.pytorch.loggers import CSVLogger
+
+    from {{ cookiecutter.package_name }}.training.data import PromptDataModule
+    from {{ cookiecutter.package_name }}.training.module import RBKLModule
+    from {{ cookiecutter.package_name }}.training.options import Sampling, Updates
+
+    rows = {}
+    for every in (None, 2):
+        torch.manual_seed(0)
+        module = RBKLModule(
+            reward=Characters(), sampling=Sampling(max_new_tokens=4), updates=Updates(grad_variance_every_n_steps=every)
+        )
+        logger = CSVLogger(tmp_path / str(every), name="run")
+        trainer = tiny_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=logger)
+        trainer.fit(module, PromptDataModule(batch_size=2, epoch_repeats=1))
+        rows[every] = list(csv.DictReader(open(next((tmp_path / str(every)).rglob("metrics.csv")))))
+    measured = [{k: v for k, v in row.items() if "/grad_var/" in k and v} for row in rows[2]]
+    # Steps 0 and 2 of 0, 1, 2; each of the three quantities with its parts, ratios and errors.
+    assert [bool(m) for m in measured] == [True, False, True], measured
+    for quantity in ("spread", "update", "no_baseline"):
+        for name in (*GRAD_VAR_PARTS, *RATIOS):
+            assert grad_var_key("train", quantity, name) in measured[0]
+            assert grad_var_key("train", quantity, f"{name}_sem") in measured[0]
+    assert float(measured[0][grad_var_key("train", "update", "reward")]) > 0  # a reward that differs per sample
+    # The second group comes from its own draws: training's samples, and so its columns, are unchanged.
+    for off, on in zip(rows[None], rows[2], strict=True):
+        assert off == {k: v for k, v in on.items() if k in off}
+    assert not [k for k in rows[None][0] if "/grad_var/" in k]
+
+
+def test_the_training_probe_composes_the_two_groups_as_documented():
+    # With exact contrasts every quantity is a function of the two groups' per-sample gradients,
+    # here one backward per sample and part on the tiny GPT-2.
+    from conftest import Characters
+
+    from {{ cookiecutter.package_name }}.training.module import RBKLModule
+    from {{ cookiecutter.package_name }}.training.options import Sampling, Updates
+
+    k = 3
+    torch.manual_seed(0)
+    module = RBKLModule(
+        reward=Characters(),
+        sampling=Sampling(samples_per_prompt=k, max_new_tokens=4),
+        updates=Updates(grad_variance_every_n_steps=1, grad_variance_contrasts=None),
+    )
+    probe, prompts = module.grad_variance, ["the cat", "a dog"]
+    first, second = module.rollout(prompts, k), module.rollout(prompts, k)
+    got = probe.at_training_size(first, second, step=0)
+    params = probe.trained_parameters()
+
+    def gradients(group, baselines):  # {part: [k, P]}, one backward per sample and part
+        stats = probe.stats(group.samples)
+        parts = update_parts(stats, group.samples.response_mask, group.rewards, baselines, probe.beta)
+        return {
+            name: torch.stack(
+                [
+                    torch.cat([g.flatten() for g in torch.autograd.grad(v[j], params, retain_graph=True)])
+                    for j in range(k)
+                ]
+            ).double()
+            for name, v in with_totals(parts).items()
+        }
+
+    for i in range(len(prompts)):
+        one, two = (r.select(torch.tensor([i])) for r in (first, second))
+        g1, g2 = gradients(one, k), gradients(two, k)
+        b1, b2 = gradients(one, None), gradients(two, None)
+        for c, name in enumerate(GRAD_VAR_PARTS):
+            s2 = [(g - g.mean(0)).square().sum() / (k - 1) for g in (g1[name], g2[name])]
+            pooled = torch.cat([b1[name], b2[name]])
+            want = {
+                "spread": (s2[0] + s2[1]) / 2,
+                "update": k / 2 * (g1[name].mean(0) - g2[name].mean(0)).square().sum(),
+                "no_baseline": (pooled - pooled.mean(0)).square().sum() / (2 * k - 1),
+            }
+            for quantity, value in want.items():
+                torch.testing.assert_close(got[quantity][i, c], value, rtol=1e-4, atol=1e-9)

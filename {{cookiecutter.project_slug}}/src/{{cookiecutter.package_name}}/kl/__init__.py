@@ -5,7 +5,7 @@ Lightning or transformers (docs/estimators.md holds the derivations, cited here 
     estimators      the value estimators mc, k2, k3, cv, rb and the KL gradient surrogates (§4-5)
     fused_head      the same token statistics from hidden states and LM-head weights, no [B, T, V] kept
     objective       the KL-regularised RLOO loss and its leave-one-out baselines
-    grad_variance   the within-prompt variance of the per-sample gradient, per part (§10)
+    grad_variance   the per-sample gradient's spread, update variance and no-baseline variance, per part (§10)
     mismatch        how far an inference engine's sampling distribution is from the policy's (§11)
 """
 

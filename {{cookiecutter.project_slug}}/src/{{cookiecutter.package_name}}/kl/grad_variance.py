@@ -1,4 +1,4 @@
-"""Total variance of the per-sample gradient estimates of one update, per part (docs/estimators.md §10).
+"""Variances of the per-sample gradient estimates of one update, per part (docs/estimators.md §10).
 
 For the k samples y_1..y_k of one prompt, g_j is sample j's term of the on-policy RLOO update
 (objective.py), split into the parts
@@ -8,12 +8,16 @@ For the k samples y_1..y_k of one prompt, g_j is sample j's term of the on-polic
     kl_rb    beta * grad of the rb KL surrogate of y_j     (leave-one-out baseline, per position)
     total_mc reward + kl_mc                               total_rb  reward + kl_rb
 
-and the quantity is the within-prompt total variance s2 = sum_j ||g_j - g_bar||^2 / (k - 1), the
-trace of the samples' covariance (what "gradient-norm variance" means). No per-sample gradient
-is formed: for unit vectors c orthogonal to (1, .., 1), h = grad sum_j c_j loss_j = sum_j c_j g_j
-is one backward pass, and with c uniform over that (k - 1)-dimensional sphere
-E ||h||^2 = sum_j ||g_j - g_bar||^2 / (k - 1) = s2. Orthonormal contrasts drawn together give
-s2 exactly once there are k - 1 of them.
+Three quantities, each per sample (GRAD_VAR_QUANTITIES):
+
+    spread       tr Var(g_j) - tr Cov(g_j, g_l)   the within-group s2 = sum_j ||g_j - g_bar||^2 / (k - 1)
+    update       tr Var(g_j) + (k - 1) tr Cov     = k tr Var(G), G = g_bar the update actually taken;
+                                                  from two independent groups: E ||G1 - G2||^2 / 2
+    no_baseline  tr Var(g_j) without baselines    the paper's per-sample variance (b_j = 0)
+
+No per-sample gradient is formed: for a unit vector c, h = grad sum_j c_j loss_j = sum_j c_j g_j is
+one backward pass. With c uniform on the unit sphere of {c : sum c = 0}, E ||h||^2 = s2; with
+c = (+1/k on group 1, -1/k on group 2) sqrt(k / 2), E ||h||^2 = k tr Var(G).
 """
 
 from __future__ import annotations
@@ -27,25 +31,39 @@ from torch import Tensor
 from .estimators import kl_surrogate, leave_one_out_mean
 from .token_stats import TokenStats
 
-# The three parts differentiated; the five reported add the totals.
+# What is measured (see above), the three parts differentiated, and the five reported with the totals.
+GRAD_VAR_QUANTITIES = ("spread", "update", "no_baseline")
 GRAD_VAR_PARTS = ("kl_mc", "kl_rb", "reward", "total_mc", "total_rb")
 GRADIENT_PARTS = ("reward", "kl_mc", "kl_rb")
 _TOTALS = {"total_mc": ("reward", "kl_mc"), "total_rb": ("reward", "kl_rb")}
 
 
-def update_parts(stats: TokenStats, mask: Tensor, rewards: Tensor, k: int, beta: float) -> dict[str, Tensor]:
+def update_parts(stats: TokenStats, mask: Tensor, rewards: Tensor, k: int | None, beta: float) -> dict[str, Tensor]:
     """Per-sample surrogates [N] of each part of the on-policy update (rho = 1), k samples per prompt.
 
     reward + kl_rb (or kl_mc) is `rloo_kl_loss(...).per_sample` of the default objective with that
     KL gradient, term for term; the KL parts are measured for both gradients on the same samples.
+    k None: no baselines (-R_j log p(y_j) and the bare KL surrogates), the paper's estimators.
     """
     seq_logp = stats.logp.sum(-1)  # [N]
-    advantage = (rewards - leave_one_out_mean(rewards, k)).detach()
+    advantage = rewards if k is None else rewards - leave_one_out_mean(rewards, k)
     return {
-        "reward": -advantage * seq_logp,
+        "reward": -advantage.detach() * seq_logp,
         "kl_mc": beta * kl_surrogate(stats, mask, "mc", group_size=k),
         "kl_rb": beta * kl_surrogate(stats, mask, "rb", group_size=k),
     }
+
+
+def joined(*groups: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Several groups' per-sample surrogates of one prompt as one, in order (each keeps its own baselines)."""
+    return {name: torch.cat([group[name] for group in groups]) for name in GRADIENT_PARTS}
+
+
+def difference_contrast(k: int) -> Tensor:
+    """[1, 2k]: (+1/k on group 1, -1/k on group 2) sqrt(k / 2), a unit vector whose h = sqrt(k/2) (G1 - G2)
+    has E ||h||^2 = k tr Var(G) for independent groups 1 and 2 of the same prompt."""
+    sign = torch.cat([torch.ones(k), -torch.ones(k)]).double()
+    return (sign / k * (k / 2) ** 0.5).unsqueeze(0)
 
 
 def unit_contrasts(k: int, count: int, generator: torch.Generator) -> Tensor:
@@ -62,9 +80,9 @@ def unit_contrasts(k: int, count: int, generator: torch.Generator) -> Tensor:
 
 
 def prompt_grad_variance(parts: Mapping[str, Tensor], params: Sequence[Tensor], contrasts: Tensor) -> Tensor:
-    """[5] estimates of s2 for GRAD_VAR_PARTS from one prompt's per-sample surrogates [k] each.
-
-    One backward pass per part and contrast; only the three contrasted gradients are held.
+    """[5] estimates of E ||h||^2 for GRAD_VAR_PARTS from one prompt's per-sample surrogates [m] each
+    and contrasts [r, m] (unit rows; their mean over the rows): s2 for unit_contrasts, k tr Var(G) for
+    difference_contrast. One backward pass per part and contrast; only three gradients are held.
     """
     gram = torch.zeros(len(GRADIENT_PARTS), len(GRADIENT_PARTS), dtype=torch.float64)
     for c in contrasts:

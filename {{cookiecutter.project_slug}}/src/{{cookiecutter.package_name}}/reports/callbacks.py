@@ -169,7 +169,7 @@ class GradVariancePlot(ValidationHistory, PlotFile):
         self.dirname, self.keep_every_epoch = dirname, keep_every_epoch
 
     def on_history(self, trainer: L.Trainer, run_dir: Path) -> None:
-        if grad_var_key("val", "total_rb") not in self.history[-1]:
+        if grad_var_key("val", "spread", "total_rb") not in self.history[-1]:
             return  # the option is off: nothing to draw
         self.write(trainer, run_dir, plots.gradient_variance(self.history), int(self.history[-1]["epoch"]))
 

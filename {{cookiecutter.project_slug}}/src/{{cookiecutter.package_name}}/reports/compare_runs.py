@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 
 from ..runs.folders import newest_config
-from ..training.metrics import RATIOS, grad_var_key, kl_key, reward_key
+from ..training.metrics import RATIOS, grad_var_columns, grad_var_key, kl_key, reward_key
 from . import plots
 from .kl_report import interval
 
@@ -122,15 +122,19 @@ def mixed_rewards_warning(runs: Sequence[Mapping]) -> str | None:
     return f"warning: the runs were trained with different rewards, so their rewards do not compare: {named}"
 
 
+# Every gradient-variance ratio a run can log, by its column name (training/metrics.py).
+GRAD_VAR_RATIOS = [grad_var_key(stage, quantity, name) for stage, quantity in grad_var_columns() for name in RATIOS]
+
+
 def run_grad_variance(rows: Sequence[Mapping[str, str]]) -> dict[str, float]:
-    """A run's gradient-variance ratios (updates.track_grad_variance), each averaged over its
-    validations: {'grad_var/kl_mc_over_kl_rb': ..., ...}; empty when they were not logged."""
+    """A run's gradient-variance ratios (updates.track_grad_variance, grad_variance_every_n_steps), each
+    averaged over the rows that logged it, by column name; empty when none were logged."""
     averages = {}
-    for name in RATIOS:
-        values = [float(r[grad_var_key("val", name)]) for r in rows if r.get(grad_var_key("val", name))]
+    for key in GRAD_VAR_RATIOS:
+        values = [float(r[key]) for r in rows if r.get(key)]
         values = [v for v in values if math.isfinite(v)]
         if values:
-            averages[f"grad_var/{name}"] = float(np.mean(values))
+            averages[key] = float(np.mean(values))
     return averages
 
 
@@ -259,7 +263,7 @@ def grid_point_row(label: str, runs: list[dict]) -> dict:
 def grid_point_grad_variance(runs: list[dict]) -> dict:
     """Mean and t interval over seeds of each gradient-variance ratio the runs logged."""
     row = {}
-    for name in (f"grad_var/{name}" for name in RATIOS):
+    for name in GRAD_VAR_RATIOS:
         values = np.array([r[name] for r in runs if name in r])
         if len(values):
             sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
@@ -331,11 +335,11 @@ def print_warnings(summary: dict) -> None:
 
 def print_grad_variance(grid_points: Sequence[Mapping]) -> None:
     """The gradient-variance ratios per grid point, when the runs logged them."""
-    names = [f"grad_var/{name}" for name in RATIOS]
-    if not any(name in row for row in grid_points for name in names):
+    names = [name for name in GRAD_VAR_RATIOS if any(name in row for row in grid_points)]
+    if not names:
         return
-    print("gradient variance at validation (mean over validations, then over seeds; 95% CI over seeds):")
-    print(f"  {'grid point':<40}" + "".join(f"  {name.split('/')[1]:>30}" for name in names))
+    print("gradient variance (mean over the rows that logged it, then over seeds; 95% CI over seeds):")
+    print(f"  {'grid point':<40}" + "".join(f"  {name:>30}" for name in names))
     for row in grid_points:
         cells = []
         for name in names:
@@ -379,9 +383,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for group, share in summary["frontier_share"].items():
         print(f"  {group:<10} {share:6.1%}")
     for run in summary["runs"]:
-        ratios = {name: value for name, value in run.items() if name.startswith("grad_var/")}
+        ratios = {name: value for name, value in run.items() if name in GRAD_VAR_RATIOS}
         if ratios:
-            print(f"  {run['run']}: " + ", ".join(f"{k.split('/')[1]} {v:.3g}" for k, v in ratios.items()))
+            print(f"  {run['run']}: " + ", ".join(f"{k} {v:.3g}" for k, v in ratios.items()))
     print(f"wrote {args.output / 'pareto.png'} and {args.output / 'pareto.json'}")
 
 

@@ -204,7 +204,7 @@ GRAD_VAR_COLORS = {
 
 
 def gradient_variance(history: Sequence[Mapping[str, float]]) -> Figure:
-    """Left: each part's within-prompt gradient variance per epoch; right: the MC/RB ratio of the
+    """Left: each part's within-group gradient spread at validation per epoch; right: the MC/RB ratio of the
     KL part and the KL part's share of each total. Bars: 1 s.e. over prompts."""
     fig = Figure(figsize=(2 * FIGSIZE[0], FIGSIZE[1]), dpi=DPI)
     parts, ratios = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -212,7 +212,7 @@ def gradient_variance(history: Sequence[Mapping[str, float]]) -> Figure:
     series += [(ratios, "kl_mc_over_kl_rb", "black"), (ratios, "kl_share_mc", "tab:orange")]
     series += [(ratios, "kl_share_rb", "tab:blue")]
     for ax, name, color in series:
-        key = grad_var_key("val", name)
+        key = grad_var_key("val", "spread", name)
         pts = [h for h in history if _finite(h.get(key)) and h[key] > 0]
         if pts:
             sem = [_value(h, f"{key}_sem") for h in pts]
@@ -233,7 +233,7 @@ def gradient_variance(history: Sequence[Mapping[str, float]]) -> Figure:
         fig,
         parts,
         "epoch",
-        "tr Cov of the per-sample gradient",
+        "within-group spread of the per-sample gradient",
         f"Gradient variance per part\n({_last_sizes(history)})",
     )
     return _finish(fig, ratios, "epoch", "ratio", "KL part: MC over RB, and its share of each total")

@@ -1,7 +1,8 @@
 """Validation and test, the KL evaluation: M samples per prompt, every estimator on the same samples.
 
 A mixin of `RBKLModule`: the rollout and `model_step` of training without the loss, the statistics
-per stage (`study`), and the rows a fit writes at the step of the weights they evaluated.
+per stage (`study`), and the rows a fit writes at the step of the weights they evaluated; also the
+training-time gradient-variance measurement, which likewise measures without updating.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from typing import Any
 
 from lightning.pytorch.trainer.states import TrainerFn
 
+from .grad_probe import grad_variance_due
 from .log import evaluation_row_step, write_to_loggers
+from .rollout import Rollout
 
 
 class KLEvaluation:
@@ -20,8 +23,8 @@ class KLEvaluation:
             rollout = self.rollout(batch, samples_per_prompt)
         values = self.model_step(rollout, with_loss=False).values  # Lightning evaluates without grad
         self.study(stage).update(values, rollout.rewards, rollout.group_size)
-        if stage == "val" and self.grad_variance is not None:
-            self.study(stage).grad_variance.update(self.grad_variance(rollout, self.global_step))
+        if stage == "val" and self.updates.track_grad_variance:
+            self.study(stage).update_grad_variance("spread", self.grad_variance(rollout, self.global_step))
         # Callbacks (the sample table) see the texts and this rank's per-sample values.
         return {
             "prompts": rollout.prompts,
@@ -29,6 +32,18 @@ class KLEvaluation:
             "rewards": rollout.rewards,
             **{f"kl/{n}": v for n, v in values.items()},
         }
+
+    def measure_grad_variance(self, rollout: Rollout) -> None:
+        """updates.grad_variance_every_n_steps: at the training batch's sampling weights, before its updates,
+        each prompt's gradient variances at the training group size (grad_probe.py, docs/estimators.md §10)."""
+        every = self.updates.grad_variance_every_n_steps
+        if every is None or not grad_variance_due(self.global_step, self.updates.per_batch, every):
+            return
+        # A second group per prompt from its own draws: training's samples and order stay as without it.
+        with self.draws("grad_var"):
+            second = self.rollout(rollout.prompts, rollout.group_size)
+        for quantity, rows in self.grad_variance.at_training_size(rollout, second, self.global_step).items():
+            self.study("train").update_grad_variance(quantity, rows)
 
     def validation_step(self, batch: list[str], batch_idx: int) -> dict[str, Any]:
         return self.evaluation_step("val", batch, batch_idx, self.sampling.val_samples_per_prompt)

@@ -1,19 +1,38 @@
-"""The gradient-variance probe: each prompt's within-prompt gradient variances at the current weights."""
+"""The gradient-variance probe: each prompt's gradient variances at the current weights (docs/estimators.md §10).
+
+At validation (updates.track_grad_variance): the within-group spread of the M validation samples.
+In training (updates.grad_variance_every_n_steps): at the training group size k, before the batch's
+updates, from the training group and a second group of k samples of the same prompt: the spread,
+the variance of the update taken and the variance without baselines (GRAD_VAR_QUANTITIES).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from ..kl.grad_variance import contrast_generator, prompt_grad_variance, unit_contrasts, update_parts
+from ..kl.grad_variance import (
+    GRAD_VAR_QUANTITIES,
+    contrast_generator,
+    difference_contrast,
+    joined,
+    prompt_grad_variance,
+    unit_contrasts,
+    update_parts,
+)
 from ..kl.token_stats import TokenStats, masked_token_stats
 from ..models.pair import ModelPair
 from ..models.sampler import Samples
 from .rollout import Rollout
 
 
+def grad_variance_due(first_step: int, updates_per_batch: int, every: int) -> bool:
+    """Whether a batch's optimizer steps [first_step, first_step + updates_per_batch) hold a multiple of `every`."""
+    return (first_step + updates_per_batch - 1) // every > (first_step - 1) // every
+
+
 class GradVarianceProbe:
-    """Each prompt's five within-prompt gradient variances at the policy's current weights.
+    """Each prompt's five gradient variances per quantity at the policy's current weights.
 
     The statistics are recomputed from materialised logits of one prompt's k responses at a time
     (never in place: each contrast backpropagates through the same graph), so the cost is one
@@ -47,3 +66,36 @@ class GradVarianceProbe:
                     prompt_grad_variance(parts, params, unit_contrasts(k, count, contrast_generator(step, prompt)))
                 )
         return torch.stack(rows)
+
+    def at_training_size(self, rollout: Rollout, second: Rollout, step: int) -> dict[str, Tensor]:
+        """{quantity: [n, 5]} per GRAD_VAR_QUANTITIES, from two independent groups of k samples per prompt
+        (`rollout`'s and `second`'s, drawn at the current weights).
+
+        spread: the mean of the two groups' s2; update: the difference contrast (each group with its
+        own leave-one-out baselines); no_baseline: s2 of the 2k samples without baselines (iid).
+        One forward of k rows per group, 3 (2r + 1 + r') backward passes per prompt.
+        """
+        k, params = rollout.group_size, self.trained_parameters()
+        spread_count, pooled_count = min(self.contrasts or k - 1, k - 1), min(self.contrasts or 2 * k - 1, 2 * k - 1)
+        rows = {quantity: [] for quantity in GRAD_VAR_QUANTITIES}
+        with torch.enable_grad():
+            for i, prompt in enumerate(rollout.prompts):
+                groups = [r.select(torch.tensor([i])) for r in (rollout, second)]
+                stats = [self.stats(g.samples) for g in groups]
+                masks = [g.samples.response_mask for g in groups]
+                with_baselines = [
+                    update_parts(s, m, g.rewards, k, self.beta) for s, m, g in zip(stats, masks, groups, strict=True)
+                ]
+                without = [
+                    update_parts(s, m, g.rewards, None, self.beta) for s, m, g in zip(stats, masks, groups, strict=True)
+                ]
+                generator = contrast_generator(step, prompt)
+                spreads = [
+                    prompt_grad_variance(p, params, unit_contrasts(k, spread_count, generator)) for p in with_baselines
+                ]
+                rows["spread"].append(torch.stack(spreads).mean(0))
+                rows["update"].append(prompt_grad_variance(joined(*with_baselines), params, difference_contrast(k)))
+                rows["no_baseline"].append(
+                    prompt_grad_variance(joined(*without), params, unit_contrasts(2 * k, pooled_count, generator))
+                )
+        return {quantity: torch.stack(r) for quantity, r in rows.items()}

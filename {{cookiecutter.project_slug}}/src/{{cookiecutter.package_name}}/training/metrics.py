@@ -27,17 +27,25 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from ..kl.grad_variance import GRAD_VAR_PARTS
+from ..kl.grad_variance import GRAD_VAR_PARTS, GRAD_VAR_QUANTITIES
 
 # Statistics logged for every KL estimator and stage.
 KL_STATS = ("mean", "within_prompt_var", "within_prompt_var_sem", "sem_prompts", "sem_within", "neg_frac")
 STAGES = ("train", "val", "test")
 # Gradient variances per prompt (grad_variance.py), in the column order of GradVarianceStats.
-# Ratios of mean gradient variances: MC's KL part over RB's, and the KL part's share of each total.
+# The cross terms total - reward - kl = 2 tr Cov(reward part, KL part), as weights on those columns.
+CROSS_TERMS = {
+    "cross_mc": {"total_mc": 1.0, "reward": -1.0, "kl_mc": -1.0},
+    "cross_rb": {"total_rb": 1.0, "reward": -1.0, "kl_rb": -1.0},
+}
+# Ratios of mean gradient variances: MC's KL part over RB's, the KL part's share of each total,
+# and the cross term's share of each total.
 RATIOS = {
     "kl_mc_over_kl_rb": ("kl_mc", "kl_rb"),
     "kl_share_mc": ("kl_mc", "total_mc"),
     "kl_share_rb": ("kl_rb", "total_rb"),
+    "cross_share_mc": ("cross_mc", "total_mc"),
+    "cross_share_rb": ("cross_rb", "total_rb"),
 }
 
 # State layout: [n, mean of m_i, M2 of m_i, sum s2_i, sum s2_i^2, sum s2_i / M_i, samples, negatives]
@@ -57,10 +65,16 @@ def ratio_key(stage: str) -> str:
     return f"{stage}/kl/within_prompt_var_ratio/mc_over_rb"
 
 
-def grad_var_key(stage: str, name: str) -> str:
-    """A gradient variance (grad_variance.GRAD_VAR_PARTS), `kl_mc_over_kl_rb`, `kl_share_mc` or
-    `kl_share_rb`; with `_sem` appended, its standard error over prompts."""
-    return f"{stage}/grad_var/{name}"
+def grad_var_key(stage: str, quantity: str, name: str) -> str:
+    """A gradient variance of one of grad_variance.GRAD_VAR_QUANTITIES (spread, update, no_baseline):
+    a part (GRAD_VAR_PARTS), a cross term (CROSS_TERMS) or a ratio (RATIOS); with `_sem` appended,
+    its standard error over prompts."""
+    return f"{stage}/grad_var/{quantity}/{name}"
+
+
+def grad_var_columns() -> list[tuple[str, str]]:
+    """The (stage, quantity) pairs that can be logged: validation's spread, training's three."""
+    return [("val", "spread"), *(("train", quantity) for quantity in GRAD_VAR_QUANTITIES)]
 
 
 def size_key(stage: str, what: str) -> str:
@@ -174,11 +188,12 @@ class PromptGroupedStats(Metric):
 class GradVarianceStats(Metric):
     """Means over prompts of per-prompt gradient variances, and ratios of them, with standard errors.
 
-    Each prompt contributes one row of the five within-prompt variances (grad_variance.py); the
+    Each prompt contributes one row of the five variances of one quantity (grad_variance.py); the
     state is the count, the column sums and the cross-product sums in float64, summed over ranks.
     Plain sums suffice here, unlike for the KL values: a variance estimate's spread over prompts is
-    of the order of its mean, not 1e-8 of it. The ratios are ratios of means; their standard errors
-    come from the delta method with the covariance of the two means over prompts.
+    of the order of its mean, not 1e-8 of it. The cross terms (CROSS_TERMS) are linear combinations
+    of the column means, the ratios (RATIOS) ratios of such combinations; their standard errors come
+    from the covariance of the column means over prompts (the delta method for the ratios).
 
     Example:
         >>> m = GradVarianceStats()
@@ -216,17 +231,22 @@ class GradVarianceStats(Metric):
             if n > 1
             else torch.full_like(self.products, float("nan"))
         )
-        col = {name: i for i, name in enumerate(GRAD_VAR_PARTS)}
+        # Every logged mean is a weighted sum of the columns' means: a part, or a cross term.
+        weights = {name: torch.zeros_like(mean) for name in (*GRAD_VAR_PARTS, *CROSS_TERMS)}
+        for i, name in enumerate(GRAD_VAR_PARTS):
+            weights[name][i] = 1.0
+        for name, terms in CROSS_TERMS.items():
+            for part, w in terms.items():
+                weights[name][GRAD_VAR_PARTS.index(part)] = w
         out = {}
-        for name, i in col.items():
-            out[name] = mean[i]
-            out[f"{name}_sem"] = cov[i, i].clamp(min=0).sqrt()
+        for name, w in weights.items():
+            out[name], out[f"{name}_sem"] = w @ mean, (w @ cov @ w).clamp(min=0).sqrt()
         for name, (top, bottom) in RATIOS.items():
-            a, b = col[top], col[bottom]
-            ratio = mean[a] / mean[b]
-            # Delta method: Var(A/B) ~ (Var A - 2 R Cov(A, B) + R^2 Var B) / B^2.
-            var = (cov[a, a] - 2 * ratio * cov[a, b] + ratio.square() * cov[b, b]) / mean[b].square()
-            out[name], out[f"{name}_sem"] = ratio, var.clamp(min=0).sqrt()
+            u, v = weights[top], weights[bottom]
+            ratio = (u @ mean) / (v @ mean)
+            # Delta method: Var(A/B) ~ (Var A - 2 R Cov(A, B) + R^2 Var B) / B^2, with A = u.mean, B = v.mean.
+            d = u - ratio * v
+            out[name], out[f"{name}_sem"] = ratio, ((d @ cov @ d) / (v @ mean).square()).clamp(min=0).sqrt()
         out["prompts"] = n
         return out
 
@@ -234,11 +254,12 @@ class GradVarianceStats(Metric):
 class EstimatorStudy(nn.Module):
     """One stage's bookkeeping: every KL estimator and the reward, grouped by prompt."""
 
-    def __init__(self, stage: str, estimators: Sequence[str], grad_variance: bool = False):
+    def __init__(self, stage: str, estimators: Sequence[str], grad_variance: Sequence[str] = ()):
         super().__init__()
         self.stage = stage
-        # Only where the module measures it (validation with updates.track_grad_variance).
-        self.grad_variance = GradVarianceStats() if grad_variance else None
+        # Only the quantities the module measures at this stage (Updates.grad_variance_measured), keyed
+        # "<quantity>_stats": a ModuleDict key may not shadow one of its attributes (update).
+        self.grad_variance = nn.ModuleDict({f"{quantity}_stats": GradVarianceStats() for quantity in grad_variance})
         # One metric per quantity, never a MetricCollection with compute groups, which would
         # merge these look-alike states and report wrong numbers.
         self.kl = nn.ModuleDict({name: PromptGroupedStats() for name in estimators})
@@ -248,6 +269,10 @@ class EstimatorStudy(nn.Module):
         for name, metric in self.kl.items():
             metric.update(values[name], group_size)
         self.reward.update(rewards, group_size)
+
+    def update_grad_variance(self, quantity: str, per_prompt: Tensor) -> None:
+        """per_prompt [n, 5]: each prompt's gradient variances of one of GRAD_VAR_QUANTITIES."""
+        self.grad_variance[f"{quantity}_stats"].update(per_prompt)
 
     def compute(self) -> dict[str, Tensor]:
         """Every logged statistic by its key, then reset. A DDP collective: every rank calls it."""
@@ -269,10 +294,13 @@ class EstimatorStudy(nn.Module):
                 logged[kl_key(stage, "rb", "within_prompt_var")],
             )
             logged[ratio_key(stage)] = w_mc / w_rb
-        if self.grad_variance is not None:
-            grad_var = self.grad_variance.compute()
-            self.grad_variance.reset()
+        for key, metric in self.grad_variance.items():
+            quantity = key.removesuffix("_stats")
+            if not metric.update_called:
+                continue  # not measured in this logging window (training measures every N steps)
+            grad_var = metric.compute()
+            metric.reset()
             logged.update(
-                {grad_var_key(stage, name): value.float() for name, value in grad_var.items() if name != "prompts"}
+                {grad_var_key(stage, quantity, name): v.float() for name, v in grad_var.items() if name != "prompts"}
             )
         return logged

@@ -128,10 +128,9 @@ class RBKLModule(KLEvaluation, L.LightningModule):
         )
         self.sampler = ResponseSampler(self.policy, self.tokenizer, self.pair.stop_ids, s)
         self.pair.fuses(self.updates.fused_lm_head, rows=0)  # a head it cannot fuse refused now, not at the first step
-        # Keyed "<stage>_study": a ModuleDict key may not shadow a Module attribute such as train.
-        track = self.updates.track_grad_variance
-        self.studies = nn.ModuleDict(
-            {f"{stage}_study": EstimatorStudy(stage, LOGGED_ESTIMATORS, track and stage == "val") for stage in STAGES}
+        track = self.updates.grad_variance_measured  # {stage: the gradient-variance quantities measured}
+        self.studies = nn.ModuleDict(  # keyed "<stage>_study": a key may not shadow a Module attribute (train)
+            {f"{stage}_study": EstimatorStudy(stage, LOGGED_ESTIMATORS, track.get(stage, ())) for stage in STAGES}
         )
         self.grad_variance = (
             GradVarianceProbe(self.pair, self.objective.beta, self.updates.grad_variance_contrasts) if track else None
@@ -211,6 +210,7 @@ class RBKLModule(KLEvaluation, L.LightningModule):
         first_step = self.global_step
         with self.draws("train"):  # the samples and the minibatch order
             rollout = self.rollout(batch, self.sampling.samples_per_prompt)
+            self.measure_grad_variance(rollout)  # every N steps with updates.grad_variance_every_n_steps
             lr = self.optimizers().param_groups[0]["lr"]  # of the batch's first update
             update = self.update(rollout)
         self.study("train").update(update.sampled.values, rollout.rewards, rollout.group_size)

@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar, get_args
 import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy
 
+from ..kl.grad_variance import GRAD_VAR_QUANTITIES
 from ..models.lora import LoRA
 from ..models.vllm_engine import VLLMSettings
 
@@ -108,11 +109,15 @@ class Updates:
         fused_lm_head: compute the statistics from the final hidden states and the LM heads, never
             holding [N, R, V] logits (fused_head.py): less memory, the head's matmuls twice. None:
             on when one micro-batch's response logits would pass 1 GiB in float32.
-        track_grad_variance: at each validation, log the within-prompt total variance of the
-            update's per-sample gradients, per part (reward, mc and rb KL, both totals), under
-            val/grad_var/ (grad_variance.py, docs/estimators.md §10). Off: it costs backward passes.
-        grad_variance_contrasts: backward passes per part and validation prompt (1 to M - 1 with M
-            val_samples_per_prompt); None: M - 1, which gives each prompt's variance exactly.
+        track_grad_variance: at each validation, log the within-group spread of the update's
+            per-sample gradients over the M validation samples, per part (reward, mc and rb KL, both
+            totals), under val/grad_var/spread/ (docs/estimators.md §10). Off: it costs backward passes.
+        grad_variance_every_n_steps: every N optimizer steps, before the batch's updates, log at the
+            training group size k per part the within-group spread, the variance of the update
+            taken (from a second group of k samples per prompt) and the variance without baselines,
+            under train/grad_var/ (docs/estimators.md §10). None: off, nothing drawn or computed.
+        grad_variance_contrasts: backward passes per part, prompt and group (1 to the group's size
+            - 1, capped there in training); None: size - 1, which gives each group's spread exactly.
     """
 
     ppo_epochs: int = 1
@@ -122,11 +127,14 @@ class Updates:
     kl_chunk_rows: int | None = None
     fused_lm_head: bool | None = None
     track_grad_variance: bool = False
+    grad_variance_every_n_steps: int | None = None
     grad_variance_contrasts: int | None = 1
 
     def __post_init__(self) -> None:
         for name in ("ppo_epochs", "minibatches", "micro_batches"):
             at_least(name, getattr(self, name), 1)
+        if self.grad_variance_every_n_steps is not None:
+            at_least("grad_variance_every_n_steps", self.grad_variance_every_n_steps, 1, " (or None for off)")
         if self.grad_variance_contrasts is not None:
             at_least("grad_variance_contrasts", self.grad_variance_contrasts, 1, " (or None for M - 1, exact)")
         if self.gradient_clip_val is not None and not self.gradient_clip_val > 0:
@@ -139,12 +147,21 @@ class Updates:
         """Optimizer steps per sampled batch."""
         return self.ppo_epochs * self.minibatches
 
+    @property
+    def grad_variance_measured(self) -> dict[str, tuple[str, ...]]:
+        """{stage: the gradient-variance quantities measured there} (grad_variance.GRAD_VAR_QUANTITIES)."""
+        measured = {"val": ("spread",)} if self.track_grad_variance else {}
+        if self.grad_variance_every_n_steps is not None:
+            measured["train"] = GRAD_VAR_QUANTITIES
+        return measured
+
     def check_trainer(self, trainer: L.Trainer) -> None:
         """Lightning's own accumulation and clipping do not apply to a module that steps itself."""
-        if self.track_grad_variance and isinstance(trainer.strategy, FSDPStrategy):
+        if self.grad_variance_measured and isinstance(trainer.strategy, FSDPStrategy):
             raise ValueError(
-                "updates.track_grad_variance differentiates the policy's own parameters outside FSDP's forward, "
-                "which shards them: set model.init_args.updates.track_grad_variance: false under FSDP"
+                "the gradient-variance probe differentiates the policy's own parameters outside FSDP's forward, "
+                "which shards them: set model.init_args.updates.track_grad_variance: false and "
+                "grad_variance_every_n_steps: null under FSDP"
             )
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
