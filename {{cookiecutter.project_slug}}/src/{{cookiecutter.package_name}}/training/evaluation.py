@@ -14,12 +14,12 @@ from .log import evaluation_row_step, write_to_loggers
 
 
 class KLEvaluation:
-    def evaluation_step(self, stage: str, batch: list[str], batch_idx: int, samples_per_prompt: int) -> dict[str, Any]:
+    def evaluation_step(self, stage: str, batch: Any, batch_idx: int, samples_per_prompt: int) -> dict[str, Any]:
         """Validation and test: M samples per prompt, every estimator on the same samples."""
         with self.draws(stage, batch_idx):
             rollout = self.rollout(batch, samples_per_prompt)
         values = self.model_step(rollout, with_loss=False).values  # Lightning evaluates without grad
-        self.study(stage).update(values, rollout.rewards, rollout.group_size)
+        self.study(stage).update(values, rollout.rewards, rollout.group_size, rollout.by_reward)
         if stage == "val" and self.grad_variance is not None:
             self.study(stage).grad_variance.update(self.grad_variance(rollout, self.global_step))
         # Callbacks (the sample table) see the texts and this rank's per-sample values.
@@ -30,10 +30,10 @@ class KLEvaluation:
             **{f"kl/{n}": v for n, v in values.items()},
         }
 
-    def validation_step(self, batch: list[str], batch_idx: int) -> dict[str, Any]:
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         return self.evaluation_step("val", batch, batch_idx, self.sampling.val_samples_per_prompt)
 
-    def test_step(self, batch: list[str], batch_idx: int) -> dict[str, Any]:
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         return self.evaluation_step("test", batch, batch_idx, self.sampling.test_samples_per_prompt)
 
     def on_validation_epoch_end(self) -> None:
