@@ -101,6 +101,28 @@ def test_a_trl_function_gets_the_columns_and_weighted_rewards_are_logged_by_name
     assert any(r.get("val/reward/words/mean") for r in metrics(root)), "validation logs each reward too"
 
 
+def test_files_of_every_kind_give_prompts_and_columns(tmp_path):
+    from {{ cookiecutter.package_name }}.training.data import PromptBatch, PromptDataModule, read_table
+
+    (tmp_path / "rows.json").write_text(json.dumps([{"q": "the movie", "n": 1}, {"q": "a film", "n": 2}]))
+    (tmp_path / "columns.json").write_text(json.dumps({"q": ["the movie", "a film"], "n": [1, 2]}))
+    (tmp_path / "rows.csv").write_text("q,n\nthe movie,1\na film,2\n")
+    for name, n in (("rows.json", [1, 2]), ("columns.json", [1, 2]), ("rows.csv", ["1", "2"])):
+        assert read_table(tmp_path / name, prompt_column="q") == (["the movie", "a film"], {"n": n}), name
+    with pytest.raises(ValueError, match=r"has no column 'prompt' \(its columns: q, n\); set data.prompt_column"):
+        read_table(tmp_path / "rows.csv")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x", "completions": 1}) + "\n")
+    with pytest.raises(ValueError, match="column 'completions' would clash with the keyword a reward function gets"):
+        read_table(tmp_path / "bad.jsonl")
+    # Prompts with columns: batches are PromptBatches whose columns stay with their prompts.
+    rows = str(tmp_path / "rows.json")
+    data = PromptDataModule(source="file", train_path=rows, val_path=rows, prompt_column="q", batch_size=2)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert isinstance(batch, PromptBatch) and len(batch) == 2
+    assert {p: n for p, n in zip(batch.prompts, batch.columns["n"], strict=True)} == {"the movie": 1, "a film": 2}
+
+
 class Lookup(Reward):
     """A class-based reward that takes one column by name."""
 
@@ -202,20 +224,20 @@ def test_a_datasets_dataset_from_a_local_parquet_file_keeps_its_types(tmp_path):
 @pytest.mark.slow
 def test_the_verifiable_task_learns_above_chance(tmp_path):
     data = PROJECT / "data/repeat_word"
-    args = ["fit", "--config", str(PROJECT / "configs/repeat_word.yaml"), "--trainer.max_epochs=3"]
+    args = ["fit", "--config", str(PROJECT / "configs/repeat_word.yaml"), "--trainer.max_epochs=5"]
     args += [f"--data.train_path={data / 'train.jsonl'}", f"--data.val_path={data / 'val.jsonl'}"]
     args += ["--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"]
     result = run_script("train.py", *args, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [r for r in metrics(tmp_path) if r.get("train/reward/mean")]
     assert all(r["train/reward/exact_match/mean"] == r["train/reward/mean"] for r in rows), "one reward, weight 1"
-    first, last = ([r for r in rows if r["epoch"] == str(epoch)] for epoch in (0, 2))
+    first, last = ([r for r in rows if r["epoch"] == str(epoch)] for epoch in (0, 4))
 
     def mean_and_se(epoch_rows):  # the steps' means, and the standard error of their mean over prompts
         means = [float(r["train/reward/mean"]) for r in epoch_rows]
         sems = [float(r["train/reward/sem_prompts"]) for r in epoch_rows]
         return sum(means) / len(means), math.sqrt(sum(s * s for s in sems)) / len(sems)
 
-    (m0, se0), (m2, se2) = mean_and_se(first), mean_and_se(last)
-    assert m2 - m0 > 3 * math.hypot(se0, se2), f"epoch 0: {m0:.3f} ± {se0:.3f}, epoch 2: {m2:.3f} ± {se2:.3f}"
-    assert m2 > 10 / 191, "well above chance: one of the vocabulary's 191 tokens at random"
+    (m0, se0), (m4, se4) = mean_and_se(first), mean_and_se(last)
+    assert m4 - m0 > 3 * math.hypot(se0, se4), f"epoch 0: {m0:.3f} ± {se0:.3f}, epoch 4: {m4:.3f} ± {se4:.3f}"
+    assert m4 > 10 / 191, "well above chance: one of the vocabulary's 191 tokens at random"
