@@ -26,7 +26,6 @@ from ..models.vocabulary import TRAIN_PROMPTS, VAL_PROMPTS
 from .lightning_internals import batches_done_in_restarted_epoch
 from .options import at_least
 
-
 SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 # The keywords TRL gives a reward function itself: a dataset column may not take these names.
 RESERVED_COLUMNS = ("prompts", "completions", "completion_ids")
@@ -80,7 +79,7 @@ def checked_prompt(value: Any, where: str) -> str | list[dict]:
     if isinstance(value, list | tuple):
         if value and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in value):
             return [dict(m) for m in value]
-        raise ValueError(f"{where}: a prompt is a string or a list of {{role, content}} messages, got {value!r:.80}")
+        raise ValueError(f"{where}: a prompt is a string or a list of messages (role, content), got {value!r:.80}")
     if value is None:
         raise ValueError(f"{where}: empty prompt (None)")
     return str(value)
