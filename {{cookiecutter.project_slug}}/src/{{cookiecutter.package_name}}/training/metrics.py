@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
 
 from ..kl.grad_variance import GRAD_VAR_PARTS, GRAD_VAR_QUANTITIES
 
@@ -58,6 +58,11 @@ def kl_key(stage: str, estimator: str, stat: str) -> str:
 
 def reward_key(stage: str, stat: str) -> str:
     return f"{stage}/reward/{stat}"
+
+
+def reward_function_key(stage: str, name: str, stat: str = "mean") -> str:
+    """A statistic of one reward of a list (its name: the function's, or the class's)."""
+    return reward_key(stage, f"{name}/{stat}")
 
 
 def ratio_key(stage: str) -> str:
@@ -264,11 +269,24 @@ class EstimatorStudy(nn.Module):
         # merge these look-alike states and report wrong numbers.
         self.kl = nn.ModuleDict({name: PromptGroupedStats() for name in estimators})
         self.reward = PromptGroupedStats()
+        # Each reward of a list: the mean over the responses it applies to (a None is nan, left out,
+        # as TRL's nanmean). Made at the first update, where the names are known: alike on every rank.
+        self.by_reward = nn.ModuleDict()
 
-    def update(self, values: Mapping[str, Tensor], rewards: Tensor, group_size: int) -> None:
+    def update(
+        self,
+        values: Mapping[str, Tensor],
+        rewards: Tensor,
+        group_size: int,
+        by_reward: Mapping[str, Tensor] | None = None,
+    ) -> None:
         for name, metric in self.kl.items():
             metric.update(values[name], group_size)
         self.reward.update(rewards, group_size)
+        for name, reward_values in (by_reward or {}).items():
+            if name not in self.by_reward:
+                self.by_reward[name] = MeanMetric(nan_strategy="ignore").to(rewards.device)
+            self.by_reward[name].update(reward_values.to(rewards.device))
 
     def update_grad_variance(self, quantity: str, per_prompt: Tensor) -> None:
         """per_prompt [n, 5]: each prompt's gradient variances of one of GRAD_VAR_QUANTITIES."""
@@ -286,6 +304,9 @@ class EstimatorStudy(nn.Module):
         self.reward.reset()
         logged[reward_key(stage, "mean")] = reward["mean"].float()
         logged[reward_key(stage, "sem_prompts")] = reward["sem_prompts"].float()
+        for name, metric in self.by_reward.items():
+            logged[reward_function_key(stage, name)] = metric.compute().float()
+            metric.reset()
         logged[size_key(stage, "prompts")] = reward["prompts"].float()
         logged[size_key(stage, "samples_per_prompt")] = (reward["samples"] / reward["prompts"]).float()
         if "mc" in self.kl and "rb" in self.kl:

@@ -31,10 +31,9 @@ from torch import Tensor, nn
 from ..kl.estimators import LOGGED_ESTIMATORS, all_kl_values
 from ..kl.objective import LossParts, Objective, rloo_kl_loss
 from ..kl.token_stats import TokenStats
-from ..models.loading import freeze
 from ..models.pair import ModelPair
 from .checkpoint_state import load_trained_only, save_trained_only
-from .data import stage_prompts
+from .data import PromptBatch, stage_prompts
 from .evaluation import KLEvaluation
 from .grad_probe import GradVarianceProbe
 from .lightning_internals import attached_trainer, plain_hyperparameters, start_next_epoch_afresh
@@ -43,8 +42,8 @@ from .metrics import STAGES, EstimatorStudy
 from .optimizer import optimizer_and_schedule, planned_updates
 from .options import LoRA, Optimization, Sampling, Updates, as_group
 from .random_draws import batch_seed, seeded_draws
-from .rewards import Reward, RewardFunction, as_reward
-from .rollout import PromptEncoder, ResponseSampler, Rollout, score_responses
+from .rewards import Reward, RewardFunction, Scores, as_reward
+from .rollout import PromptEncoder, ResponseSampler, Rollout, rollout_prompts, score_responses
 from .updater import BatchUpdate, micro_batches, minibatches
 
 __all__ = ["RBKLModule", "Rollout", "StepOutput"]
@@ -80,7 +79,8 @@ class RBKLModule(KLEvaluation, L.LightningModule):
         policy: str = "builtin:tiny-gpt2",
         reference: str | None = None,
         tokenizer: str | None = None,
-        reward: Reward | RewardFunction | None = None,
+        reward: Reward | RewardFunction | list[Reward | RewardFunction] | None = None,
+        reward_weights: list[float] | None = None,
         dtype: Literal["float32", "bfloat16"] = "float32",
         trust_remote_code: bool = False,
         objective: Objective = DEFAULT_OBJECTIVE,
@@ -94,8 +94,9 @@ class RBKLModule(KLEvaluation, L.LightningModule):
             policy: the model to fine-tune: hub name, local folder, or builtin:tiny-gpt2[:seed=N].
             reference: the frozen model of the KL term (the teacher, for distillation); default: policy.
             tokenizer: tokenizer name or folder; default: policy.
-            reward: a Reward (prompts, responses) -> Tensor[N], set by class_path, or a TRL-style function
-                reward(prompts, completions, **kwargs) -> list[float] by its dotted path; None: no reward (pure KL).
+            reward: a Reward (by class_path), a TRL-style function f(prompts, completions, **columns) (by its
+                dotted path), or a list of them, each logged as train/reward/<name>/mean; None: no reward (pure KL).
+            reward_weights: one weight per reward of the list (default 1 each); a None is left out of the sum.
             dtype: weights of policy and reference: "float32" or "bfloat16".
             trust_remote_code: allow code shipped with a checkpoint to run (off unless you trust it).
             objective: how the loss combines reward and KL (beta, kl_gradient, kl_placement, ...).
@@ -112,15 +113,13 @@ class RBKLModule(KLEvaluation, L.LightningModule):
         self.optimization = as_group(Optimization, optimization, "optimization")
         self.lora = None if lora is None else as_group(LoRA, lora, "lora")
         self.save_hyperparameters(ignore=["reward"])
-        # Checkpoints and hparams.yaml hold every group as a plain dict (a subclass's own __init__
-        # may have handed Lightning the objects), which a resume and load_from_checkpoint pass back.
+        # Checkpoints hold every group as a plain dict (whatever a subclass handed Lightning) for a resume.
         plain_hyperparameters(self, asdict)
         # Several optimizer steps per batch: the module steps the optimizer itself (updater.py).
         self.automatic_optimization = False
         self.pair = ModelPair.load(policy, reference, tokenizer, dtype, trust_remote_code, self.lora)
         self.policy, self.reference, self.tokenizer = self.pair.policy, self.pair.reference, self.pair.tokenizer
-        reward = as_reward(reward)
-        self.reward = freeze(reward) if isinstance(reward, nn.Module) else reward
+        self.reward = as_reward(reward, reward_weights)  # a model among them frozen
         self.train()  # every model in eval mode from the start, not only after Lightning's first switch
         s, context = self.sampling, self.pair.context_length()
         self.prompt_encoder = PromptEncoder(
@@ -213,28 +212,28 @@ class RBKLModule(KLEvaluation, L.LightningModule):
             self.measure_grad_variance(rollout)  # every N steps with updates.grad_variance_every_n_steps
             lr = self.optimizers().param_groups[0]["lr"]  # of the batch's first update
             update = self.update(rollout)
-        self.study("train").update(update.sampled.values, rollout.rewards, rollout.group_size)
+        self.study("train").update(update.sampled.values, rollout.rewards, rollout.group_size, rollout.by_reward)
         if should_log(self.trainer, first_step):
             log_batch(self, self.study("train"), self.objective, rollout, update, training_row_step(first_step), lr)
         # Callbacks see this rank's per-sample values in on_train_batch_end.
         return {"rewards": rollout.rewards, **{f"kl/{n}": v for n, v in update.sampled.values.items()}}
 
-    def rollout(self, prompts: Sequence[str], k: int) -> Rollout:
+    def rollout(self, prompts: Sequence[str] | PromptBatch, k: int) -> Rollout:
         """Sample k responses per prompt and score them: once per batch, whatever the updates."""
-        ids, mask = self.encode_prompts(prompts)
+        batch = PromptBatch.of(prompts)  # the prompts, and the dataset's other columns if it has any
+        ids, mask = self.encode_prompts(batch.prompts)
         # Sharded weights are gathered layer by layer in every forward: ranks that finish early
         # must keep stepping until all are done, or the others wait forever.
         samples = self.sampler(ids, mask, k, synced=self.sharded)
-        repeated = [p for p in prompts for _ in range(k)]
         responses = self.sampler.decode(samples)
-        return Rollout(list(prompts), samples, self.score(repeated, responses), k, responses)
+        return Rollout.scored(batch, samples, self.score(rollout_prompts(batch, k, samples), responses), k, responses)
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Left-padded prompt ids [B, P] and mask [B, P] bool; refuses prompts that cannot fit."""
         return self.prompt_encoder(prompts, self.device)
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
-        """Rewards [N] for repeated prompts and their responses (zeros without a reward)."""
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor | Scores:
+        """Rewards [N] for repeated prompts (their columns in `prompts.columns`) and responses; a list's Scores."""
         return score_responses(self.reward, prompts, responses, self.device)
 
     def update(self, rollout: Rollout) -> BatchUpdate:

@@ -1,17 +1,22 @@
 """Rewards: callables `(prompts, responses) -> Tensor[N]` of floats, one per response.
 
 A `Reward` subclass is set by `class_path` in a config; a TRL-style reward function
-`reward(prompts, completions, **kwargs) -> list[float]` by its dotted path
-(`reward: my_rewards.reward`). Rewards receive decoded text: a reward model with its own
+`reward(prompts, completions, completion_ids, **columns) -> list[float | None]` by its dotted path
+(`reward: my_rewards.reward`), called as TRL calls it: the dataset's other columns as keyword lists
+aligned with the completions. A list of rewards is summed with weights (`WeightedRewards`), a None
+left out of the sum as TRL leaves it out. Rewards receive decoded text: a reward model with its own
 tokenizer re-encodes it (docs/estimators.md §6.7).
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,33 +36,114 @@ RewardFunction = Callable[..., Sequence[float | None]]
 
 
 class FunctionReward(Reward):
-    """A TRL-style reward function as a `Reward`: `function(prompts=..., completions=...)`.
+    """A TRL-style reward function as a `Reward`: `function(prompts=..., completions=..., **columns)`.
 
-    TRL calls its reward functions with keywords (and more of them, which `**kwargs` absorbs), so
-    a function written for TRL's trainers runs unchanged. A None (TRL: "does not apply") is
-    refused like any other non-finite reward.
+    Called as TRL calls its reward functions: keywords, the prompts repeated per completion, each
+    column a list aligned with the completions (the rollout adds `completion_ids`), and for a
+    conversational prompt (a list of messages) each completion as [{"role": "assistant", "content": ...}].
+    A None ("does not apply") reads as nan: left out of a weighted sum, refused where it is all there is.
     """
 
     def __init__(self, function: RewardFunction):
         self.function = function
         self.name = getattr(function, "__name__", type(function).__name__)  # what a plot calls the reward
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
-        values = self.function(prompts=list(prompts), completions=list(responses))
-        return torch.tensor([float("nan") if v is None else float(v) for v in values])
+    def __call__(self, prompts: Sequence[Any], responses: Sequence[str], **columns: list) -> Tensor:
+        conversational = bool(prompts) and not isinstance(prompts[0], str)
+        completions = [[{"role": "assistant", "content": r}] for r in responses] if conversational else list(responses)
+        values = self.function(prompts=list(prompts), completions=completions, **columns)
+        try:
+            return torch.tensor([float("nan") if v is None else float(v) for v in values])
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"reward {self.name} returned {values!r:.120}: a reward is a list of numbers or None"
+            ) from err
 
 
-def as_reward(reward: Reward | RewardFunction | None) -> Reward | None:
-    """A `Reward` as it is; a plain function wrapped as a `FunctionReward`."""
+@dataclass
+class Scores:
+    """What a list of rewards gives a batch: the weighted total and each reward's own values."""
+
+    total: Tensor  # [N] sum over rewards of weight x value, a None (nan) left out
+    by_reward: dict[str, Tensor]  # name -> [N], nan where the reward returned None
+
+
+class WeightedRewards(nn.Module, Reward):
+    """Several rewards, summed with weights as TRL's reward_weights: nansum_i w_i r_i per response.
+
+    An nn.Module so that rewards which are models move with the module (and stay frozen)."""
+
+    def __init__(self, rewards: Sequence[Reward], weights: Sequence[float] | None = None):
+        super().__init__()
+        weights = [1.0] * len(rewards) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(rewards) or not rewards:
+            raise ValueError(
+                f"model.init_args.reward_weights has {len(weights)} weights for {len(rewards)} rewards: "
+                "one weight per reward, in their order"
+            )
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"model.init_args.reward_weights must be finite numbers, got {weights}")
+        self.rewards, self.weights = list(rewards), weights
+        self.models = nn.ModuleList([r for r in rewards if isinstance(r, nn.Module)])
+        names = [reward_name(r) for r in rewards]
+        # Each reward's metrics column is its name; a name given twice is numbered from its second use.
+        self.names = [n if names[:i].count(n) == 0 else f"{n}_{names[:i].count(n) + 1}" for i, n in enumerate(names)]
+        self.name = " + ".join(n if w == 1 else f"{w:g} x {n}" for n, w in zip(self.names, weights, strict=True))
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # the rewards' models stay in eval mode
+
+    def scores(self, prompts: Sequence[Any], responses: Sequence[str], columns: dict[str, list]) -> Scores:
+        """Each reward's values (checked, each error naming its reward) and the weighted total."""
+        by_reward = {}
+        for name, reward in zip(self.names, self.rewards, strict=True):
+            values = call_reward(reward, prompts, responses, columns)
+            by_reward[name] = check_rewards(values, prompts, responses, name, allow_none=True).cpu()
+        stacked = torch.stack(list(by_reward.values()), dim=1)  # [N, rewards]
+        weights = torch.tensor(self.weights, dtype=stacked.dtype)
+        total = (stacked * weights).nansum(dim=1)
+        total[stacked.isnan().all(dim=1)] = float("nan")  # no reward applies: refused by check_rewards
+        return Scores(total, by_reward)
+
+    def __call__(self, prompts: Sequence[Any], responses: Sequence[str], **columns: list) -> Tensor:
+        return self.scores(prompts, responses, columns).total
+
+
+def call_reward(reward: Reward, prompts: Sequence[Any], responses: Sequence[str], columns: dict[str, list]) -> Tensor:
+    """A reward called with the columns its `__call__` accepts by name (all of them with **kwargs)."""
+    if not columns:
+        return reward(prompts, responses)
+    module_call = isinstance(reward, nn.Module) and type(reward).__call__ is nn.Module.__call__
+    parameters = inspect.signature(reward.forward if module_call else reward.__call__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return reward(prompts, responses, **columns)
+    named = {p.name for p in parameters}
+    return reward(prompts, responses, **{k: v for k, v in columns.items() if k in named})
+
+
+def as_reward(
+    reward: Reward | RewardFunction | Sequence[Reward | RewardFunction] | None,
+    weights: Sequence[float] | None = None,
+) -> Reward | None:
+    """A `Reward` as it is (frozen if it is a model); a plain function wrapped as a `FunctionReward`;
+    a list of them, or any reward with weights, as `WeightedRewards`."""
+    if isinstance(reward, list | tuple) or (weights is not None and reward is not None):
+        rewards = list(reward) if isinstance(reward, list | tuple) else [reward]
+        return freeze(WeightedRewards([as_reward(r) for r in rewards], weights))
+    if weights is not None:
+        raise ValueError("model.init_args.reward_weights is set but there is no reward to weigh")
     if reward is None or isinstance(reward, Reward):
-        return reward
+        return freeze(reward) if isinstance(reward, nn.Module) else reward
     if not callable(reward):
         raise TypeError(f"reward must be a Reward or a function, got {type(reward).__name__}")
     return FunctionReward(reward)
 
 
 def reward_config(reward: object) -> object:
-    """What a checkpoint stores of the reward: a function as its dotted path, a class_path config as a dict."""
+    """What a checkpoint stores of the reward: a function as its dotted path, a class_path config as a
+    dict, a list as the list of theirs."""
+    if isinstance(reward, list | tuple):
+        return [reward_config(r) for r in reward]
     if callable(reward) and hasattr(reward, "__qualname__"):
         return f"{reward.__module__}.{reward.__qualname__}"
     return reward.as_dict() if hasattr(reward, "as_dict") else reward
@@ -68,6 +154,14 @@ def reward_name(reward: object) -> str:
     return getattr(reward, "name", None) or type(reward).__name__
 
 
+def exact_match(completions: list, answer: list, **kwargs) -> list[float]:
+    """TRL-style: 1.0 where the completion, stripped, is the `answer` column's value (as text), else 0.0.
+
+    The verifiable reward of configs/repeat_word.yaml: a copy of it reads any column by its name."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # text, or a chat message
+    return [float(text.strip() == str(a).strip()) for text, a in zip(texts, answer, strict=True)]
+
+
 def samples_per_prompt(prompts: Sequence[str]) -> int:
     """k of prompts repeated k times each, adjacent (the rollout's order): the gcd of the runs'
     lengths, since equal prompts next to each other make one run of a multiple of k."""
@@ -75,10 +169,13 @@ def samples_per_prompt(prompts: Sequence[str]) -> int:
     return math.gcd(*runs) if runs else 1
 
 
-def check_rewards(rewards: Tensor, prompts: Sequence[str], responses: Sequence[str], name: str | None = None) -> Tensor:
+def check_rewards(
+    rewards: Tensor, prompts: Sequence[Any], responses: Sequence[str], name: str | None = None, allow_none: bool = False
+) -> Tensor:
     """Rewards must be one finite float per response; name the text that broke the rule.
 
-    `prompts` are repeated per response, as the rollout repeats them; `name`: the reward's."""
+    `prompts` are repeated per response, as the rollout repeats them; `name`: the reward's;
+    `allow_none`: nan stands for a None (one reward of several that does not apply)."""
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     if rewards.shape != (len(responses),):
         k = samples_per_prompt(prompts)
@@ -89,11 +186,13 @@ def check_rewards(rewards: Tensor, prompts: Sequence[str], responses: Sequence[s
             "samples per prompt: sampling.samples_per_prompt when training, val_samples_per_prompt or "
             "test_samples_per_prompt when evaluating); a reward returns one value per response, in their order"
         )
-    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+    bad = (~(torch.isfinite(rewards) | (allow_none & rewards.isnan()))).nonzero().flatten().tolist()
     if bad:
         i = bad[0]
+        why = "" if name is None else f" from reward {name}"
         raise ValueError(
-            f"non-finite reward {rewards[i].item()} for prompt {prompts[i]!r} and response {responses[i]!r}"
+            f"non-finite reward {rewards[i].item()} for prompt {prompts[i]!r} and response {responses[i]!r}{why}"
+            + ("; a None must leave at least one reward that applies" if rewards[i].isnan() else "")
         )
     return rewards
 
@@ -198,9 +297,12 @@ class KeywordReward(Reward):
 
 
 __all__ = [
+    "FunctionReward",
     "KeywordReward",
     "Reward",
     "SentimentClassifierReward",
     "VaderSentimentReward",
+    "WeightedRewards",
     "check_rewards",
+    "exact_match",
 ]

@@ -3,14 +3,15 @@
 Everything here happens once per batch, at the weights that sample; nothing in a `Rollout`
 depends on the weights after sampling. The module composes the three parts (`PromptEncoder`,
 `ResponseSampler`, `score_responses`) in `RBKLModule.rollout`, and a subclass overrides
-`encode_prompts` or `score` there.
+`encode_prompts` or `score` there. The dataset's other columns travel with their prompts: into
+the reward functions (repeated per response, with `completion_ids`) and into the `Rollout`.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,19 +20,30 @@ from transformers import PreTrainedTokenizerBase
 
 from ..models.sampler import Samples, sample_fast, sample_responses, sampling_config, static_cache
 from ..models.vllm_engine import VLLMSampler
+from .data import Columns, PromptBatch, RepeatedPrompts, prompt_text
 from .options import Sampling
-from .rewards import Reward, check_rewards, reward_name
+from .rewards import Reward, Scores, WeightedRewards, call_reward, check_rewards, reward_name
 
 
 @dataclass
 class Rollout:
     """Sampled and scored once per batch: nothing here depends on the weights after sampling."""
 
-    prompts: list[str]  # n distinct prompts
+    prompts: list  # n distinct prompts (strings, or lists of messages)
     samples: Samples  # n * group_size responses, the group_size samples of a prompt adjacent
-    rewards: Tensor  # [n * group_size]
+    rewards: Tensor  # [n * group_size], the weighted total of a list of rewards
     group_size: int
     responses: list[str] | None = None  # the decoded texts the rewards were computed on
+    columns: Columns = field(default_factory=dict)  # the dataset's other columns, n values each
+    by_reward: dict[str, Tensor] = field(default_factory=dict)  # a list's rewards: name -> [n * group_size]
+
+    @classmethod
+    def scored(
+        cls, batch: PromptBatch, samples: Samples, scores: Tensor | Scores, k: int, responses: list[str]
+    ) -> Rollout:
+        """A sampled batch with its rewards: a Tensor [N], or a list's Scores (total and each reward's)."""
+        total, by_reward = (scores.total, scores.by_reward) if isinstance(scores, Scores) else (scores, {})
+        return cls(batch.prompts, samples, total, k, responses, batch.columns, by_reward)
 
     def rows(self, prompts: Tensor) -> Tensor:
         """Sample rows of the prompts at indices `prompts`: their whole groups, on the rewards' device."""
@@ -42,8 +54,16 @@ class Rollout:
         """The whole groups of the prompts at indices `prompts` (a minibatch never splits a group)."""
         rows = self.rows(prompts)
         responses = None if self.responses is None else [self.responses[i] for i in rows.tolist()]
-        prompt_texts = [self.prompts[i] for i in prompts.tolist()]
-        return Rollout(prompt_texts, self.samples.select(rows), self.rewards[rows], self.group_size, responses)
+        index = prompts.tolist()
+        return Rollout(
+            [self.prompts[i] for i in index],
+            self.samples.select(rows),
+            self.rewards[rows],
+            self.group_size,
+            responses,
+            {name: [values[i] for i in index] for name, values in self.columns.items()},
+            {name: values[rows.to(values.device)] for name, values in self.by_reward.items()},
+        )
 
 
 class PromptEncoder:
@@ -60,13 +80,20 @@ class PromptEncoder:
         if chat_template and not tokenizer.chat_template:
             raise ValueError(f"chat_template is set but the tokenizer of {name!r} has no chat template")
         self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
-        self.context_length, self.chat_template = context_length, chat_template
+        self.context_length, self.chat_template, self.name = context_length, chat_template, name
 
-    def __call__(self, prompts: Sequence[str], device: torch.device) -> tuple[Tensor, Tensor]:
-        if self.chat_template:
+    def __call__(self, prompts: Sequence[Any], device: torch.device) -> tuple[Tensor, Tensor]:
+        if self.chat_template or not all(isinstance(p, str) for p in prompts):
+            if not self.tokenizer.chat_template:
+                raise ValueError(
+                    f"the prompts are lists of messages but the tokenizer of {self.name!r} has no chat template: "
+                    "give the prompts as text, or set model.init_args.tokenizer to one that has a chat template"
+                )
             texts = [
                 self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                    [{"role": "user", "content": p}] if isinstance(p, str) else p,
+                    tokenize=False,
+                    add_generation_prompt=True,
                 )
                 for p in prompts
             ]
@@ -80,19 +107,19 @@ class PromptEncoder:
             raise ValueError("empty prompt: every prompt needs at least one token")
         limit = self.context_length
         if limit is not None and ids.shape[1] + self.max_new_tokens > limit:
-            longest = prompts[int(lengths.argmax())]
+            longest = prompt_text(prompts[int(lengths.argmax())])
             raise ValueError(
                 f"prompt of {int(lengths.max())} tokens + max_new_tokens={self.max_new_tokens} exceeds "
                 f"the model's context of {limit} tokens: {longest[:80]!r}"
             )
         return ids, mask
 
-    def warn_unknown_words(self, prompts: Sequence[str]) -> None:
+    def warn_unknown_words(self, prompts: Sequence[Any]) -> None:
         """One warning listing the words the tokenizer can only read as its unknown token."""
         unk = self.tokenizer.unk_token_id
         if unk is None or unk == self.tokenizer.eos_token_id:  # byte-level BPE has no unknown words
             return
-        words = sorted({w for p in prompts for w in p.split() if unk in self.tokenizer(w)["input_ids"]})
+        words = sorted({w for p in prompts for w in prompt_text(p).split() if unk in self.tokenizer(w)["input_ids"]})
         if words:
             shown = ", ".join(repr(w) for w in words[:12]) + (", ..." if len(words) > 12 else "")
             warnings.warn(
@@ -173,9 +200,29 @@ class ResponseSampler:
 
 
 def score_responses(
-    reward: Reward | None, prompts: Sequence[str], responses: Sequence[str], device: torch.device
-) -> Tensor:
-    """Rewards [N] for repeated prompts and their responses (zeros without a reward), checked."""
+    reward: Reward | None, prompts: Sequence[Any], responses: Sequence[str], device: torch.device
+) -> Tensor | Scores:
+    """Rewards [N] for repeated prompts and their responses (zeros without a reward), checked; for a
+    list of rewards, their Scores. `prompts.columns` (RepeatedPrompts) go to the rewards that take them."""
     if reward is None:
         return torch.zeros(len(responses), device=device)
-    return check_rewards(reward(prompts, responses), prompts, responses, reward_name(reward)).to(device)
+    columns = getattr(prompts, "columns", {})
+    if isinstance(reward, WeightedRewards):
+        scores = reward.scores(prompts, responses, columns)
+        total = check_rewards(scores.total, prompts, responses, reward_name(reward)).to(device)
+        return Scores(total, {name: values.to(device) for name, values in scores.by_reward.items()})
+    return check_rewards(call_reward(reward, prompts, responses, columns), prompts, responses, reward_name(reward)).to(
+        device
+    )
+
+
+def completion_ids(samples: Samples) -> list[list[int]]:
+    """The response tokens of each sample up to and including its stop token (TRL's completion_ids)."""
+    return [row[mask].tolist() for row, mask in zip(samples.response, samples.response_mask, strict=True)]
+
+
+def rollout_prompts(batch: PromptBatch, k: int, samples: Samples) -> RepeatedPrompts:
+    """The prompts of the N responses with their columns, and `completion_ids` for reward functions."""
+    repeated = batch.repeated(k)
+    repeated.columns["completion_ids"] = completion_ids(samples)
+    return repeated
