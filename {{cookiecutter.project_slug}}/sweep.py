@@ -1,6 +1,6 @@
 """Sweep a grid of options with seeds: `python sweep.py --config configs/default.yaml --grid ... --name NAME`.
 
-`python sweep.py --help` lists the options; README "Sweeps" explains how to read the result.
+`python sweep.py --help` lists the options; docs/experiments.md ("Sweeps") explains how to read the result.
 """
 
 import sys

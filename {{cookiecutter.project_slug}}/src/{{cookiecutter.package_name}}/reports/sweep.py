@@ -1,4 +1,4 @@
-"""Sweeps over a grid of options with several seeds, run locally (README "Sweeps").
+"""Sweeps over a grid of options with several seeds, run locally (docs/experiments.md, "Sweeps").
 
     python sweep.py --config configs/default.yaml \
       --grid model.init_args.objective.beta=0.02,0.05,0.1 --grid model.init_args.objective.kl_gradient=rb,mc \

@@ -41,7 +41,6 @@ from ..training.lightning_internals import (
     validates_after_this_batch,
 )
 from ..training.log import row_held_by_checkpoint
-from ..training.options import complete_groups
 
 # Settings whose change between the checkpoint and the resumed run changes what is optimised
 # (a group's name covers all its fields).
@@ -265,7 +264,7 @@ def model_config(hparams: Mapping[str, Any]) -> dict[str, Any] | None:
     class_path = hparams.pop("_class_path", None)
     if class_path is None:
         return None
-    return {"class_path": class_path, "init_args": complete_groups(hparams)}
+    return {"class_path": class_path, "init_args": hparams}
 
 
 def dotted(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

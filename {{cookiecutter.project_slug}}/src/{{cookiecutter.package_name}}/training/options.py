@@ -21,7 +21,7 @@ import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy
 
 from ..kl.grad_variance import GRAD_VAR_QUANTITIES
-from ..models.lora import LoRA
+from ..models.lora import LoRA as LoRA  # one import for every option group, LoRA's too
 from ..models.vllm_engine import VLLMSettings
 
 EngineName = Literal["hf", "vllm"]
@@ -235,15 +235,6 @@ def option_groups() -> dict[str, type]:
     from ..kl.objective import Objective  # the objective's group lives with the loss it configures
 
     return {"objective": Objective, "sampling": Sampling, "updates": Updates, "optimization": Optimization}
-
-
-def complete_groups(options: dict[str, Any]) -> dict[str, Any]:
-    """Every group given as a dict with all its fields (an older checkpoint's lora has no dropout)."""
-    complete = dict(options)
-    for name, cls in {**option_groups(), "lora": LoRA}.items():
-        if isinstance(complete.get(name), dict):
-            complete[name] = dataclasses.asdict(as_group(cls, complete[name], name))
-    return complete
 
 
 def near_names(name: str, known: set[str] | list[str], n: int = 4) -> list[str]:
