@@ -5,6 +5,7 @@ resumes the newest run of that logger name in its own folder (runs.py). Values g
 config files or on the command line, win over the checkpoint's; anything not given comes from
 the checkpoint, the reward included. SIGTERM and SIGINT save a checkpoint of the current step
 and exit with 143 and 130, so a scheduler never mistakes an interrupted run for a finished one.
+`test --ckpt_path` of a run's checkpoint reports into that run's folder.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class CLI(ExplicitValuesWin, LightningCLI):
     def __init__(self, *args, **kwargs):
         self.argv: list[str] | None = None  # the command line, to print the one that continues the run
         self.runs_before: set[Path] = set()  # the logger's run folders before this start
-        self.changed_objective: dict = {}  # objective settings a resumed fit changed: said at its end
+        self.changed_objective: dict[str, tuple] = {}  # objective settings a resumed fit changed: said at its end
         self.run_dir: Path | None = None  # the run folder a resume or a test of a checkpoint writes into
         try:
             super().__init__(*args, **kwargs)

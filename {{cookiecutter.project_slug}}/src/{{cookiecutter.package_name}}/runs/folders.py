@@ -4,7 +4,8 @@
 to: the same `logs/<name>/version_N/`, its `metrics.csv` cut back to the checkpoint's step and
 appended to, its `config.yaml` kept and the resume's configuration written beside it. The model
 settings come from the checkpoint unless given now (config files or command line), and a change
-that alters the objective is reported. train.py wires these helpers into LightningCLI.
+that alters the objective is reported and recorded in the run's objective_changes.yaml. train.py
+wires these helpers into LightningCLI.
 """
 
 from __future__ import annotations
