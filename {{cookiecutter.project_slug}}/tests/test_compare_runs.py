@@ -135,3 +135,20 @@ def test_the_pareto_plot_draws_exactly_the_non_dominated_runs_with_clear_labels(
     assert frontier_line(fig) == {xy[i] for i in non_dominated(xy)}
     assert drawn_clashes(fig) == []
     assert fig.axes[0].texts, "points are labelled where there is room"
+
+
+def test_a_run_whose_objective_changed_is_labelled_mixed_and_warned_about(tmp_path):
+    same = write_run(tmp_path / "same", 1.0, 0.8, "rb")
+    mixed = write_run(tmp_path / "mixed", 2.0, 0.9, "rb", beta=0.5)
+    # Resumed at step 3 with beta 0.5, then at step 8 with the sampling changed as well.
+    (mixed / "objective_changes.yaml").write_text(
+        "- from_step: 3\n  changes:\n    objective.beta: {before: 0.05, after: 0.5}\n"
+        "- from_step: 8\n  changes:\n    sampling.samples_per_prompt: {before: 4, after: 8}\n"
+    )
+    summary = compare([same, mixed], tmp_path / "out")
+    assert [run["label"] for run in summary["runs"]] == ["beta=0.05", "beta=0.05->0.5, samples_per_prompt=4->8 (mixed)"]
+    assert summary["warnings"] == [
+        f"warning: {mixed} changed its objective when resumed (objective.beta 0.05 -> 0.5 at step 3; "
+        "sampling.samples_per_prompt 4 -> 8 at step 8; objective_changes.yaml): its point mixes objectives, "
+        "labelled 'beta=0.05->0.5, samples_per_prompt=4->8 (mixed)'"
+    ]

@@ -47,6 +47,7 @@ def ddp_train(tmp: Path, fused: bool, *args: str) -> None:
     ]
     result = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    (tmp / "stderr.txt").write_text(result.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +132,13 @@ def test_the_fused_head_takes_the_steps_the_logits_take_under_ddp(ddp_runs, tmp_
             assert a["rewards"] == b["rewards"], rank
             for key in ("kl/rb", "kl/mc"):
                 np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=f"{key}, rank {rank}")
+
+
+@pytest.mark.slow
+def test_lightning_advice_that_does_not_apply_is_not_printed(ddp_run):
+    # The logged values are merged across ranks by their torchmetrics states, not by sync_dist.
+    stderr = (ddp_run / "stderr.txt").read_text()
+    assert "sync_dist" not in stderr and "weights_only" not in stderr, stderr[-5000:]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 import {{ cookiecutter.package_name }} as package
 from {{ cookiecutter.package_name }}.kl import sequence_kl
 from {{ cookiecutter.package_name }}.models.vocabulary import TRAIN_PROMPTS
+from {{ cookiecutter.package_name }}.training.data import PromptDataModule
 from {{ cookiecutter.package_name }}.training.module import RBKLModule
 from {{ cookiecutter.package_name }}.training.options import Sampling
 
@@ -57,8 +59,11 @@ def test_the_generator_refuses_an_option_without_a_line_in_its_docstring():
 
 def test_every_data_option_is_in_options_md():
     text = (ROOT / "docs" / "options.md").read_text(encoding="utf-8")
-    for name in ("num_val_prompts", "test_path", "prompt_tokens", "epoch_repeats", "seed"):
-        assert f"| `{name}` |" in text, name
+    section = text.split("## `data`", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE)
+    options = [name for name in inspect.signature(PromptDataModule.__init__).parameters if name != "self"]
+    assert documented == options, "run python docs/make_options.py"
+    assert "num_val_prompts" in documented
 
 
 def readme_blocks() -> list[str]:

@@ -151,3 +151,12 @@ def test_a_checkpoint_holds_the_loop_counters_that_start_next_epoch_afresh_reset
 def test_the_csv_writer_rewrites_and_writes_hparams_in_the_methods_replaced():
     assert parameters(ExperimentWriter._rewrite_with_new_header) == ["self", "fieldnames"]
     assert parameters(ExperimentWriter.log_hparams) == ["self", "params"]
+
+
+def test_the_fit_loop_saves_the_finished_epochs_where_nothing_left_to_train_reads_them():
+    from {{ cookiecutter.package_name }}.training.lightning_internals import epochs_finished
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    trainer.fit_loop.epoch_progress.current.processed = 3  # what FitLoop.done compares with max_epochs
+    assert epochs_finished({"loops": {"fit_loop": trainer.fit_loop.state_dict()}}) == 3
+    assert epochs_finished({}) == 0, "a checkpoint no fit wrote"

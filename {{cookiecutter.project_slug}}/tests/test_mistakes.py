@@ -1,22 +1,29 @@
 """Mistakes that trained silently or said too little: each now ends in one line naming what is wrong and the fix.
 
 A reference whose tokenizer gives the ids other words, an export into a folder that holds files,
-LoRA target modules that match in part, a reward returning the wrong number of values.
+LoRA target modules that match in part, a reward returning the wrong number of values, an
+accelerator the machine lacks, a finished run resumed, a resume that changes the objective, a test
+of a checkpoint, and Lightning's advice that does not apply here.
 """
 
+import json
+import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import run_script, save_tiny_causal_lm
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from {{ cookiecutter.package_name }}.models.loading import load_causal_lm, vocabulary_differences
 from {{ cookiecutter.package_name }}.models.pair import ModelPair
 from {{ cookiecutter.package_name }}.models.vocabulary import builtin_tokenizer
-from {{ cookiecutter.package_name }}.runs import export
+from {{ cookiecutter.package_name }}.runs import cli, export
 
 PROJECT = Path(__file__).resolve().parents[1]
 DEFAULT = str(PROJECT / "configs/default.yaml")
@@ -196,3 +203,136 @@ def test_a_reward_of_the_wrong_length_names_itself_and_the_numbers_set(tmp_path)
         "sampling.samples_per_prompt when training, val_samples_per_prompt or test_samples_per_prompt when "
         "evaluating); a reward returns one value per response, in their order"
     ), stderr[-3000:]
+
+
+# -- the machine, the run's end, its objective, its test -------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+@pytest.mark.parametrize(
+    "accelerator, sentence",
+    [
+        ("gpu", "trainer.accelerator=gpu: no GPU is visible on this machine; use cpu or auto"),
+        ("cuda", "trainer.accelerator=cuda: no CUDA device is visible on this machine; use cpu or auto"),
+    ],
+)
+def test_an_accelerator_the_machine_lacks_is_refused_in_one_line(tmp_path, accelerator, sentence):
+    args = ["fit", "--config", DEFAULT, f"--trainer.accelerator={accelerator}", *QUICK]
+    last, stderr = last_line("train.py", *args, cwd=tmp_path)
+    assert last == f"error: {sentence}", stderr[-3000:]
+
+
+# One epoch of two batches, validated on one: a run that finishes in seconds.
+SHORT = [
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--model.init_args.sampling.val_samples_per_prompt=2",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+def train(cwd: Path, *args: str):
+    result = run_script("train.py", "fit", "--config", DEFAULT, *SHORT, *args, cwd=cwd, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A folder whose logs/default/version_0 trained to max_epochs=1 (2 steps); tests take copies."""
+    root = tmp_path_factory.mktemp("finished")
+    train(root, "--trainer.max_epochs=1")
+    return root
+
+
+def copy_of(finished_run: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(a copy of the finished run's folder, the run folder in it)."""
+    shutil.copytree(finished_run, tmp_path / "copy")
+    return tmp_path / "copy", tmp_path / "copy" / "logs" / "default" / "version_0"
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(tmp_path, finished_run):
+    cwd, run = copy_of(finished_run, tmp_path)
+    before = sorted(p.name for p in run.iterdir())
+    checkpoint = "logs/default/version_0/checkpoints/last.ckpt"
+    result = run_script(
+        "train.py", "fit", "--config", DEFAULT, *SHORT, "--trainer.max_epochs=1", "--ckpt_path", checkpoint, cwd=cwd
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"nothing left to train: {checkpoint} finished epoch 1 of max_epochs=1; raise --trainer.max_epochs to train on"
+    ), result.stderr[-3000:]
+    assert sorted(p.name for p in run.iterdir()) == before, "nothing written: no config, no rows dropped"
+    steps = ["--trainer.max_epochs=5", "--trainer.max_steps=2", "--ckpt_path", checkpoint]
+    result = run_script("train.py", "fit", "--config", DEFAULT, *SHORT, *steps, cwd=cwd)
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"nothing left to train: {checkpoint} finished step 2 of max_steps=2; raise --trainer.max_steps to train on"
+    ), result.stderr[-3000:]
+
+
+def test_a_resume_that_changes_the_objective_says_so_last_records_it_and_compare_runs_labels_it(
+    tmp_path, finished_run, capsys
+):
+    cwd, run = copy_of(finished_run, tmp_path)
+    checkpoint = "logs/default/version_0/checkpoints/last.ckpt"
+    shutil.copy(cwd / checkpoint, tmp_path / "step2.ckpt")
+    resumed = train(cwd, "--trainer.max_epochs=2", "--ckpt_path", checkpoint, "--model.init_args.objective.beta=0.5")
+    assert resumed.stderr.strip().splitlines()[-1] == (
+        "warning: resumed at step 2 with settings that change the objective (objective.beta: 0.05 -> 0.5): the "
+        "steps before it trained another objective; recorded in logs/default/version_0/objective_changes.yaml, "
+        "and compare-runs labels the run mixed"
+    ), resumed.stderr[-3000:]
+    assert resumed.stderr.count("change the objective") == 1, "said once, at the end"
+    changes = yaml.safe_load((run / "objective_changes.yaml").read_text())
+    assert changes == [{"from_step": 2, "changes": {"objective.beta": {"before": 0.05, "after": 0.5}}}]
+
+    from {{ cookiecutter.package_name }}.reports.compare_runs import main as compare_runs
+
+    compare_runs([str(run), "--output", str(tmp_path / "comparison")])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"warning: {run} changed its objective when resumed (objective.beta 0.05 -> 0.5 at step 2; "
+        "objective_changes.yaml): its point mixes objectives, labelled 'beta=0.05->0.5 (mixed)'"
+    )
+    (point,) = json.loads((tmp_path / "comparison" / "pareto.json").read_text())["runs"]
+    assert point["label"] == "beta=0.05->0.5 (mixed)"
+
+    # Resumed again from the same checkpoint with the first beta: the change is gone with the steps it trained.
+    shutil.copy(tmp_path / "step2.ckpt", cwd / checkpoint)
+    again = train(cwd, "--trainer.max_epochs=2", "--ckpt_path", checkpoint)
+    assert "change the objective" not in again.stderr
+    assert not (run / "objective_changes.yaml").exists()
+
+
+def test_a_test_of_a_checkpoint_reports_into_its_run_and_names_it(tmp_path, finished_run):
+    cwd, run = copy_of(finished_run, tmp_path)
+    hparams = (run / "hparams.yaml").read_text()
+    checkpoint = "logs/default/version_0/checkpoints/last.ckpt"
+    result = run_script("train.py", "test", "--ckpt_path", checkpoint, "--trainer.enable_progress_bar=false", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    header = next(line for line in result.stdout.splitlines() if line.startswith("KL( "))
+    assert header.startswith(f"KL( {checkpoint} (trained from builtin:tiny-gpt2) || builtin:tiny-gpt2 ) on 8 prompts")
+    assert result.stdout.strip().splitlines()[-1] == (
+        "wrote logs/default/version_0/kl_report.json, kl_report.md and kl_precision.png"
+    )
+    assert sorted(p.name for p in (cwd / "logs" / "default").iterdir()) == ["version_0"], "no new run folder"
+    assert (run / "config.test-at-step-2.yaml").is_file() and (run / "hparams.yaml").read_text() == hparams
+    assert "dirpath has changed" not in result.stderr
+
+
+def test_lightning_advice_that_does_not_apply_here_is_silenced_and_nothing_else():
+    """Under DDP Lightning advises sync_dist for every value logged per epoch (tests/test_ddp.py checks
+    the real run); the module's values are merged exactly by their torchmetrics states."""
+    advice = (
+        "It is recommended to use `self.log('val/kl/rb/mean', ..., sync_dist=True)` when logging on epoch level "
+        "in distributed setting to accumulate the metric across devices."
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli._quiet()
+        warnings.warn(advice, PossibleUserWarning, stacklevel=1)
+        warnings.warn("The 'train_dataloader' does not have many workers", PossibleUserWarning, stacklevel=1)
+        warnings.warn(advice, UserWarning, stacklevel=1)  # not Lightning's category: not its advice
+    assert [str(w.message)[:15] for w in caught] == ["The 'train_data", advice[:15]]
+    note = logging.makeLogRecord({"msg": "`weights_only` was not set, defaulting to `False`."})
+    assert not cli._DropTips().filter(note)
+    assert cli._DropTips().filter(logging.makeLogRecord({"msg": "`weights_only` was set to True"}))

@@ -331,11 +331,14 @@ class KLReport(L.Callback):
         if not trainer.is_global_zero or not metrics:
             return
         h = pl_module.hparams
+        policy = h.policy + (" + LoRA adapter" if h.get("lora") else "")
+        if trainer.ckpt_path:  # the weights tested are the checkpoint's, trained from the configured policy
+            policy = f"{trainer.ckpt_path} (trained from {policy})"
         report = build_report(
             metrics,
             LOGGED_ESTIMATORS,
+            policy=policy,
             # With LoRA and no reference named, the reference is the policy's base (adapter off).
-            policy=h.policy + (" + LoRA adapter" if h.get("lora") else ""),
             reference=h.reference or h.policy,
             max_new_tokens=pl_module.sampling.max_new_tokens,
         )

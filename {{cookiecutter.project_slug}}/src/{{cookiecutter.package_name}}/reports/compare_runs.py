@@ -20,11 +20,12 @@ import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 
-from ..runs.folders import newest_config
+from ..runs.folders import OBJECTIVE_CHANGES, newest_config, read_objective_changes
 from ..training.metrics import RATIOS, grad_var_columns, grad_var_key, kl_key, reward_key
 from . import plots
 from .kl_report import interval
@@ -82,15 +83,63 @@ def load_run(path: Path, kl_key: str, reward_key: str, group_key: str) -> dict:
             hparams = yaml.safe_load(hparams_path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"{hparams_path}: unreadable hyperparameters ({err})") from err
+    changes = read_objective_changes(csv_path.parent)
     return {
         "run": str(csv_path.parent),
         "kl": kl,
         "reward": reward,
         group_key: option(hparams, group_key, "unknown"),
         "beta": option(hparams, "beta"),
+        "label": run_label(hparams, changes),
+        "objective_changes": changes,
         "reward_name": configured_reward(csv_path.parent),
         **run_grad_variance(rows),
     }
+
+
+def setting_history(changes: Sequence[Mapping]) -> dict[str, list[tuple[int, Any]]]:
+    """{'objective.beta': [(0, 0.05), (3, 0.5)]}: each changed objective setting's values in the order
+    the run trained with them, with the step each applied from (objective_changes.yaml, runs/folders.py)."""
+    history: dict[str, list[tuple[int, Any]]] = {}
+    for entry in changes:
+        for key, change in entry["changes"].items():
+            values = history.setdefault(key, [(0, change["before"])])
+            if values[-1][1] != change["before"]:  # resumed from before an earlier change: its value is gone
+                values.append((int(entry["from_step"]), change["before"]))
+            values.append((int(entry["from_step"]), change["after"]))
+    return {key: values for key, values in history.items() if len({repr(v) for _, v in values}) > 1}
+
+
+def run_label(hparams: Mapping, changes: Sequence[Mapping]) -> str | None:
+    """'beta=0.05' for a run of one objective, 'beta=0.05->0.5 (mixed)' for one whose objective
+    changed when it was resumed (None without a beta or a change to name)."""
+    history = setting_history(changes)
+    names = {key.rsplit(".", 1)[-1]: "->".join(str(v) for _, v in values) for key, values in history.items()}
+    beta = option(hparams, "beta")
+    if "beta" in names:
+        names = {"beta": names.pop("beta"), **names}
+    elif beta is not None:
+        names = {"beta": str(beta), **names}
+    if not names:
+        return None
+    return ", ".join(f"{name}={value}" for name, value in names.items()) + (" (mixed)" if history else "")
+
+
+def mixed_objective_warnings(runs: Sequence[Mapping]) -> list[str]:
+    """One line per run whose objective changed mid-run: its final point is no single objective's."""
+    lines = []
+    for run in runs:
+        history = setting_history(run.get("objective_changes") or [])
+        if history:
+            changed = "; ".join(
+                f"{key} {values[0][1]}" + "".join(f" -> {value} at step {step}" for step, value in values[1:])
+                for key, values in history.items()
+            )
+            lines.append(
+                f"warning: {run['run']} changed its objective when resumed ({changed}; {OBJECTIVE_CHANGES}): "
+                f"its point mixes objectives, labelled {run['label']!r}"
+            )
+    return lines
 
 
 def configured_reward(run_dir: Path) -> str | None:
@@ -170,7 +219,7 @@ def compare(
     on_front = Counter(str(points[i][group_key]) for i in frontier)
     share = {group: on_front[group] / len(frontier) for group in sorted({str(p[group_key]) for p in points})}
     summary = {"kl_key": kl_key, "reward_key": reward_key, "runs": points, "frontier_share": share, "skipped": skipped}
-    summary["warnings"] = [w for w in [mixed_rewards_warning(points)] if w]
+    summary["warnings"] = [w for w in [mixed_rewards_warning(points)] if w] + mixed_objective_warnings(points)
     output.mkdir(parents=True, exist_ok=True)
     (output / "pareto.json").write_text(json.dumps(summary, indent=2))
     plots.pareto(points, frontier, group_key).savefig(output / "pareto.png")
@@ -219,7 +268,8 @@ def sweep_summary(
         "grid_points": grid_points,
         "frontier_share": frontier_shares(by_point, resamples, seed),
         "skipped": skipped,
-        "warnings": [w for w in [mixed_rewards_warning([r for runs in by_point.values() for r in runs])] if w],
+        "warnings": [w for w in [mixed_rewards_warning([r for runs in by_point.values() for r in runs])] if w]
+        + mixed_objective_warnings([r for runs in by_point.values() for r in runs]),
     }
     output.mkdir(parents=True, exist_ok=True)
     (output / "pareto.json").write_text(json.dumps(summary, indent=2))

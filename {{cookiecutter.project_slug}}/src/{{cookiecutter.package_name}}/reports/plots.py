@@ -404,7 +404,10 @@ def pareto(points: Sequence[Mapping], frontier: set[int], group_key: str = "kl_g
         "Runs on the reward-KL plane (ringed: on the frontier)",
         columns=3,
     )
-    texts = [f"beta={p['beta']}" if p.get("beta") is not None else str(p[group_key]) for p in points]
+    # compare_runs' label names a run whose objective changed mid-run as mixed ("beta=0.05->0.5 (mixed)").
+    texts = [
+        p.get("label") or (f"beta={p['beta']}" if p.get("beta") is not None else str(p[group_key])) for p in points
+    ]
     order = sorted(range(len(points)), key=lambda i: (i not in frontier, xs[i]))  # the frontier's first
     place_labels(ax, [(xs[i], ys[i]) for i in order], [texts[i] for i in order])
     return fig

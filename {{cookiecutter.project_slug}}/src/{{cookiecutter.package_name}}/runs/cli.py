@@ -5,6 +5,7 @@ resumes the newest run of that logger name in its own folder (runs.py). Values g
 config files or on the command line, win over the checkpoint's; anything not given comes from
 the checkpoint, the reward included. SIGTERM and SIGINT save a checkpoint of the current step
 and exit with 143 and 130, so a scheduler never mistakes an interrupted run for a finished one.
+`test --ckpt_path` of a run's checkpoint reports into that run's folder.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from ..training.data import PromptDataModule
 from ..training.lightning_internals import ExplicitValuesWin
@@ -28,16 +30,19 @@ from ..training.rewards import reward_config
 from .cli_errors import OneSentenceParser, refuse, report_error, yaml_syntax_error
 from .folders import (
     LastCheckpoint,
+    RunLogger,
     UnreadableCheckpoint,
     drop_rows_after,
     find_last_checkpoint,
     model_config,
+    nothing_left_to_train,
     objective_changes,
+    objective_changes_warning,
     readable_checkpoint,
+    record_objective_changes,
     resume_config_name,
     run_version,
     stop_report,
-    warn_objective_changes,
 )
 
 PACKAGE = __name__.split(".")[0]
@@ -53,6 +58,8 @@ class CLI(ExplicitValuesWin, LightningCLI):
     def __init__(self, *args, **kwargs):
         self.argv: list[str] | None = None  # the command line, to print the one that continues the run
         self.runs_before: set[Path] = set()  # the logger's run folders before this start
+        self.changed_objective: dict[str, tuple] = {}  # objective settings a resumed fit changed: said at its end
+        self.run_dir: Path | None = None  # the run folder a resume or a test of a checkpoint writes into
         try:
             super().__init__(*args, **kwargs)
         except BaseException as error:
@@ -134,9 +141,16 @@ class CLI(ExplicitValuesWin, LightningCLI):
             argv = checkpoint_settings_first(argv, subcommand, saved_model)
         self.config = parser.parse_args(argv)
         self.config[subcommand]["ckpt_path"] = str(path)
-        if saved_model is not None:
-            now = self.config[subcommand]["model"]["init_args"].as_dict()
-            warn_objective_changes(objective_changes(saved_model["init_args"], now))
+        if subcommand == "fit":
+            trainer = self.config["fit"]["trainer"]
+            if done := nothing_left_to_train(path, saved, trainer.get("max_epochs"), trainer.get("max_steps")):
+                # A finished run resumed again (a requeued job, a sweep run again) is no failure.
+                if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+                    sys.stderr.write(done + "\n")
+                sys.exit(0)
+            if saved_model is not None:
+                now = self.config["fit"]["model"]["init_args"].as_dict()
+                self.changed_objective = objective_changes(saved_model["init_args"], now)
         self.resumed_from = (path, saved)
 
     def _logger_args(self, subcommand: str):
@@ -167,21 +181,29 @@ class CLI(ExplicitValuesWin, LightningCLI):
             ]
         if trainer is not None and trainer.get("enable_model_summary") is False and trainer.get("callbacks"):
             trainer.callbacks = [c for c in trainer.callbacks if not str(c.get("class_path", "")).endswith("Summary")]
-        if self.resumed_from is None or self.subcommand != "fit":
+        if self.resumed_from is None or self.subcommand not in ("fit", "test"):
             return
         path, saved = self.resumed_from
         version = run_version(path)
-        init = self._logger_args("fit")
+        init = self._logger_args(self.subcommand)
         if version is None or not init:
+            return
+        if self.subcommand == "test":
+            # The report of a checkpoint goes beside it, in the run that trained it, whatever the
+            # config's logger names.
+            self.run_dir = path.parent.parent
+            init.save_dir, init.name, init.version = str(self.run_dir.parent.parent), self.run_dir.parent.name, version
+            self.save_config_kwargs["config_filename"] = resume_config_name(self.run_dir, saved["global_step"], "test")
             return
         # Continue the run the checkpoint belongs to: one folder, one metrics.csv, one curve.
         init.version = version
         step = saved["global_step"]
-        run_dir = Path(init.save_dir, init.name or "", f"version_{version}")
+        run_dir = self.run_dir = Path(init.save_dir, init.name or "", f"version_{version}")
         if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
             dropped = drop_rows_after(run_dir / "metrics.csv", step)
             if dropped:
                 print(f"resuming {run_dir} at step {step}: dropped {dropped} metrics rows logged after it")
+            record_objective_changes(run_dir, step, self.changed_objective)
         # The first run's config.yaml stays; this resume's is written beside it (a second resume
         # of the same checkpoint, after another interruption, gets a name of its own).
         self.save_config_kwargs["config_filename"] = resume_config_name(run_dir, step)
@@ -213,6 +235,11 @@ class CLI(ExplicitValuesWin, LightningCLI):
         if self.trainer.is_global_zero and run_dir:
             files = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(run_dir).iterdir())
             print(f"\nRun folder: {run_dir}\n  " + "  ".join(files))
+        if self.trainer.is_global_zero and self.changed_objective and self.resumed_from is not None:
+            # Last, after Lightning's output, where it is read; the run folder keeps it too.
+            step = self.resumed_from[1]["global_step"]
+            sys.stdout.flush()
+            sys.stderr.write(objective_changes_warning(self.changed_objective, step, self.run_dir) + "\n")
 
     def test(self, **kwargs) -> None:
         # The KL report (callbacks.KLReport) is the table of a test run: Lightning's own would
@@ -236,6 +263,8 @@ class CLI(ExplicitValuesWin, LightningCLI):
         # checkpoint here, and a resume from the command line alone gets it back.
         reward = self.config[self.subcommand]["model"]["init_args"].get("reward") if self.subcommand else None
         self.model.hparams["reward"] = reward_config(reward)
+        if self.subcommand == "test" and self.run_dir is not None and isinstance(self.trainer.logger, RunLogger):
+            self.trainer.logger.record_hparams = False
 
 
 def _subcommand_and_checkpoint(argv: list[str]) -> tuple[str | None, str | None]:
@@ -265,7 +294,13 @@ def checkpoint_settings_first(argv: list[str], subcommand: str, model: dict) -> 
 class _DropTips(logging.Filter):
     """Lightning's advertising tips and bookkeeping notes: not what a first run should print."""
 
-    NOISE = ("💡 Tip:", "Loading `train_dataloader` to estimate", "Trainer already configured with model summary")
+    NOISE = (
+        "💡 Tip:",
+        "Loading `train_dataloader` to estimate",
+        "Trainer already configured with model summary",
+        # Logged at each save that does not say weights_only; every save here holds the whole state.
+        "`weights_only` was not set, defaulting to `False`.",
+    )
     # The stop is reported in one line of our own (CLI._report_stop), which names the checkpoint.
     SAID_ELSEWHERE = ("Received SIGTERM", "Bypassing SIGTERM", "Detected KeyboardInterrupt")
 
@@ -286,6 +321,14 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     # A resume writes into its own run folder on purpose (runs.py), where the checkpoints already are.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # Under DDP, Lightning advises sync_dist for every value logged at epoch level; these are
+    # torchmetrics states, merged across ranks exactly (training/metrics.py), so the advice is wrong here.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"It is recommended to use `self\.log\('[^']+', \.\.\., sync_dist=True\)` when logging on epoch level "
+        r"in distributed setting to accumulate the metric across devices\.",
+        category=PossibleUserWarning,
+    )
 
 
 class CtrlC:

@@ -268,17 +268,56 @@ def _config_files(argv: list[str]) -> list[Path]:
 # -- errors raised while the classes are built or run ----------------------------------------------
 
 
+def _no_gpu(match: re.Match, cause: Cause, parser) -> str:
+    """'trainer.accelerator=gpu: no GPU is visible on this machine; use cpu or auto'."""
+    return "trainer.accelerator=gpu: no GPU is visible on this machine; use cpu or auto"
+
+
+def _accelerator_missing(match: re.Match, cause: Cause, parser) -> str:
+    """'trainer.accelerator=cuda: no CUDA device is visible on this machine; use cpu or auto'."""
+    kind = match["accelerator"].removesuffix("Accelerator")
+    choices = [*re.findall(r"'(\w+)'", match["available"]), "auto"]
+    return (
+        f"trainer.accelerator={kind.lower()}: no {kind} device is visible on this machine; use {' or '.join(choices)}"
+    )
+
+
+# Lightning's refusals of a trainer setting the machine cannot honour, raised when the Trainer is
+# built (lightning/pytorch/trainer/connectors/accelerator_connector.py, tested through train.py in
+# tests/test_mistakes.py): a setting was wrong, so the sentence replaces the traceback.
+SETTING_PATTERNS = (
+    Pattern("no_gpu_backend", r"No supported gpu backend found!", _no_gpu),
+    Pattern(
+        "accelerator_not_available",
+        r"`(?P<accelerator>\w+)` can not run on your system since the accelerator is not available\. "
+        r"The following accelerator\(s\) is available and can be passed into `accelerator` argument of "
+        r"`Trainer`: \[(?P<available>.*)\]\.",
+        _accelerator_missing,
+    ),
+)
+
+
 def explain_error(error: BaseException) -> str:
     """The sentence of an error raised after parsing: a pattern's where one matches (jsonargparse
     refuses a reward function given as class_path only when it builds it), else the error's own."""
-    found = first_match(Cause([], None, str(error), [], None), None)
+    found = refused_setting(error) or first_match(Cause([], None, str(error), [], None), None)
     return found[1] if found else str(error)
+
+
+def refused_setting(error: BaseException) -> tuple[str, str] | None:
+    """(the pattern's name, its sentence) when Lightning refused a trainer setting (SETTING_PATTERNS)."""
+    cause = Cause([], None, str(error), [], None)
+    for pattern in SETTING_PATTERNS:
+        if match := re.fullmatch(pattern.regex, cause.line):
+            return pattern.name, pattern.sentence(match, cause, None)
+    return None
 
 
 def report_error(error: Exception) -> None:
     """`error: <sentence>` last; the traceback before it only where it says where something broke."""
     root = innermost_exception(error)
-    if root is error and not refused_by_a_check(root):  # a failure while running: where it happened matters
+    if root is error and not refused_by_a_check(root) and not refused_setting(root):
+        # a failure while running: where it happened matters
         traceback.print_exception(error)
     else:  # a bad setting, refused by the config parser or by our checks: the sentence is what matters
         sys.stderr.write("(RBKL_TRACEBACK=1 shows the traceback)\n")

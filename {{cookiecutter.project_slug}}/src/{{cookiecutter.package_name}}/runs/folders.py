@@ -4,11 +4,13 @@
 to: the same `logs/<name>/version_N/`, its `metrics.csv` cut back to the checkpoint's step and
 appended to, its `config.yaml` kept and the resume's configuration written beside it. The model
 settings come from the checkpoint unless given now (config files or command line), and a change
-that alters the objective is reported. train.py wires these helpers into LightningCLI.
+that alters the objective is reported and recorded in the run's objective_changes.yaml. train.py
+wires these helpers into LightningCLI.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import sys
@@ -19,18 +21,20 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ..training.atomic_files import read_csv, write_csv
+from ..training.atomic_files import read_csv, replaced_atomically, write_csv
 from ..training.checkpoint_state import check_grouped
 from ..training.lightning_internals import (
     HeldSigterm,
     appending_experiment,
     defer_save_to_validation_end,
+    epochs_finished,
     every_n_train_steps,
     last_saved_step,
     save_last_now,
@@ -54,6 +58,12 @@ OBJECTIVE_SETTINGS = (
     "lora",
 )
 CHECKPOINTS_DIR = "checkpoints"
+# In a run folder: the step from which each changed objective setting applied (compare_runs reads it).
+OBJECTIVE_CHANGES = "objective_changes.yaml"
+OBJECTIVE_CHANGES_HEADER = (
+    "# Settings that change the objective, changed when this run was resumed: from_step is the first\n"
+    "# step (metrics.csv's step column) trained with the value after; the steps before it had the one before.\n"
+)
 
 
 class RunLogger(CSVLogger):
@@ -75,9 +85,17 @@ class RunLogger(CSVLogger):
         """
         super().__init__(save_dir, name=name, version=version, flush_logs_every_n_steps=flush_logs_every_n_steps)
 
+        # False while `test` evaluates a checkpoint in its own run folder: hparams.yaml stays the
+        # training's record, which compare-runs reads (the test's settings are in its config file).
+        self.record_hparams = True
+
     @property
     def experiment(self) -> ExperimentWriter:
         return appending_experiment(self)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        if self.record_hparams:
+            super().log_hyperparams(params, *args, **kwargs)
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -142,7 +160,8 @@ class LastCheckpoint(ModelCheckpoint):
         saved_now = last_saved_step(self) == trainer.global_step
         if self.save_last and self.dirpath is not None and not trainer.fast_dev_run and not saved_now:
             # Every rank calls it: saving is a collective under sharded strategies.
-            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+            path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+            trainer.save_checkpoint(path, weights_only=self.save_weights_only)
 
 
 def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
@@ -170,6 +189,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     return {
         "global_step": int(checkpoint.get("global_step", 0)),
+        "epochs_finished": epochs_finished(checkpoint),
         "hparams": dict(checkpoint.get("hyper_parameters", {})),
     }
 
@@ -209,12 +229,36 @@ def newest_readable(folder: Path, but: Path) -> tuple[Path, dict[str, Any]] | No
     return max(found, key=lambda f: (f[1]["global_step"], f[0].stat().st_mtime), default=None)
 
 
-def resume_config_name(run_dir: Path, step: int) -> str:
-    """config.resumed-at-step-S.yaml, or .2.yaml, .3.yaml ... when the same checkpoint was resumed before."""
-    name, n = f"config.resumed-at-step-{step}.yaml", 2
+def resume_config_name(run_dir: Path, step: int, what: str = "resumed") -> str:
+    """config.resumed-at-step-S.yaml, or .2.yaml, .3.yaml ... when the same checkpoint was resumed before
+    (config.test-at-step-S.yaml for a test of the checkpoint)."""
+    name, n = f"config.{what}-at-step-{step}.yaml", 2
     while (run_dir / name).exists():
-        name, n = f"config.resumed-at-step-{step}.{n}.yaml", n + 1
+        name, n = f"config.{what}-at-step-{step}.{n}.yaml", n + 1
     return name
+
+
+def nothing_left_to_train(
+    checkpoint: Path, saved: Mapping[str, Any], max_epochs: int | None, max_steps: int | None
+) -> str | None:
+    """'nothing left to train: ... raise --trainer.max_epochs to train on' when the checkpoint already
+    reached the limits of this fit, by FitLoop.done's rule (-1: no limit; max_epochs None: 1000
+    without max_steps, else none), so that `fit` would return at once."""
+    step, epochs = saved["global_step"], saved["epochs_finished"]
+    max_steps = -1 if max_steps is None else max_steps
+    if max_steps != -1 and step >= max_steps:
+        return (
+            f"nothing left to train: {checkpoint} finished step {step} of max_steps={max_steps}; "
+            "raise --trainer.max_steps to train on"
+        )
+    if max_epochs is None:
+        max_epochs = 1000 if max_steps == -1 else -1
+    if max_epochs != -1 and epochs >= max_epochs:
+        return (
+            f"nothing left to train: {checkpoint} finished epoch {epochs} of max_epochs={max_epochs}; "
+            "raise --trainer.max_epochs to train on"
+        )
+    return None
 
 
 def newest_config(run_dir: Path) -> Path:
@@ -278,14 +322,50 @@ def dotted(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def objective_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """'objective.beta: 0.05 -> 0.5' for every objective setting that differs between checkpoint and now."""
+def objective_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{'objective.beta': (0.05, 0.5)} for every objective setting that differs between checkpoint and now."""
     saved, now = dotted(saved), dotted(now)
-    changes = []
+    changes = {}
     for key in sorted(saved.keys() | now.keys()):
         if any(key == s or key.startswith(f"{s}.") for s in OBJECTIVE_SETTINGS) and saved.get(key) != now.get(key):
-            changes.append(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}")
+            changes[key] = (saved.get(key), now.get(key))
     return changes
+
+
+def describe_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
+    """'objective.beta: 0.05 -> 0.5; lora.r: 8 -> 16'."""
+    return "; ".join(f"{key}: {before!r} -> {after!r}" for key, (before, after) in changes.items())
+
+
+def record_objective_changes(run_dir: Path, step: int, changes: Mapping[str, tuple[Any, Any]]) -> None:
+    """Note in the run folder's objective_changes.yaml that from step `step` on the run trained with
+    `changes`; the entries of an earlier resume past `step` go, as its metrics rows do (their steps
+    are trained again). Without any change left, the file goes too."""
+    path = run_dir / OBJECTIVE_CHANGES
+    entries = read_objective_changes(run_dir)
+    entries = [e for e in entries if e["from_step"] < step]
+    if changes:
+        # As plain YAML: a tuple or an object of the config is written as JSON would write it.
+        plain = json.loads(json.dumps({k: list(v) for k, v in changes.items()}, default=str))
+        settings = {key: {"before": before, "after": after} for key, (before, after) in plain.items()}
+        entries.append({"from_step": step, "changes": settings})
+    if entries:
+        with replaced_atomically(path) as tmp:
+            tmp.write_text(OBJECTIVE_CHANGES_HEADER + yaml.safe_dump(entries, sort_keys=False))
+    elif path.is_file():
+        path.unlink()
+
+
+def read_objective_changes(run_dir: Path) -> list[dict[str, Any]]:
+    """The entries of a run folder's objective_changes.yaml, by step ([] without the file)."""
+    path = run_dir / OBJECTIVE_CHANGES
+    if not path.is_file():
+        return []
+    try:
+        entries = yaml.safe_load(path.read_text()) or []
+        return sorted(entries, key=lambda e: int(e["from_step"]))
+    except (yaml.YAMLError, TypeError, KeyError, ValueError) as error:
+        raise ValueError(f"{path}: unreadable ({error})") from error
 
 
 def drop_rows_after(metrics_csv: Path, step: int) -> int:
@@ -303,11 +383,10 @@ def drop_rows_after(metrics_csv: Path, step: int) -> int:
     return len(rows) - len(kept)
 
 
-def warn_objective_changes(changes: list[str]) -> None:
-    if changes:
-        warnings.warn(
-            "resuming with settings that change the objective (" + "; ".join(changes) + "): the "
-            "checkpoint was trained for another objective",
-            UserWarning,
-            stacklevel=2,
-        )
+def objective_changes_warning(changes: Mapping[str, tuple[Any, Any]], step: int, run_dir: Path | None) -> str:
+    """The line a resumed fit ends with when it changed the objective, after everything Lightning printed."""
+    where = f"; recorded in {run_dir / OBJECTIVE_CHANGES}, and compare-runs labels the run mixed" if run_dir else ""
+    return (
+        f"warning: resumed at step {step} with settings that change the objective ({describe_changes(changes)}): "
+        f"the steps before it trained another objective{where}"
+    )

@@ -108,6 +108,15 @@ def take_deferred_save(callback: ModelCheckpoint, trainer: L.Trainer) -> None:
         save_step_checkpoint(callback, trainer)
 
 
+def epochs_finished(checkpoint: dict[str, Any]) -> int:
+    """The epochs a checkpoint's fit loop has finished: the count FitLoop.done compares with max_epochs
+    (`processed`, since an epoch-end checkpoint is saved before `completed` counts its epoch)."""
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):  # not written by a Trainer's fit
+        return 0
+
+
 def save_last_now(callback: ModelCheckpoint, trainer: L.Trainer) -> None:
     callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
