@@ -26,6 +26,9 @@ RB is a sum of per-step conditional expectations E[d_t | y_<t] = KL_t. That remo
 variance of each step's token, but not always the variance of the whole sequence: for some pairs
 of models Var[rb] > Var[mc] (docs/estimators.md §3). Measure, don't assume.
 
+Samples drawn from another distribution mu (an inference engine's) are weighted back to p with
+`weights` (correction.py, docs/estimators.md §12): rb per prefix, every other estimator per response.
+
 The module computes `token_stats` once per batch and derives every estimate from it with
 `kl_values` and `kl_surrogate`; the two contract functions are thin wrappers for one estimator.
 """
