@@ -224,6 +224,28 @@ def make_old_logp(module, samples, scale: float):
 
 
 @pytest.mark.slow
+def test_an_engine_correction_weighs_the_exact_cpu_engine_by_one(gpt2_module):
+    import dataclasses
+
+    from {{ cookiecutter.package_name }}.training.rollout import Rollout
+
+    samples, _ = engine_vs_trainer(gpt2_module, seed=3)
+    rollout = Rollout(PROMPTS, samples, torch.arange(len(samples.response), dtype=torch.float32), 4)
+    plain = gpt2_module.model_step(rollout)
+    sampling = gpt2_module.sampling
+    gpt2_module.sampling = dataclasses.replace(sampling, engine_correction="is")
+    try:
+        corrected = gpt2_module.model_step(rollout)
+    finally:
+        gpt2_module.sampling = sampling
+    # The engine's log-probs reach the weights; in float32 on a CPU mu = pi, so every weight is 1.
+    assert plain.weights is None and corrected.weights is not None
+    assert float((corrected.weights.prefix() - 1).abs().max()) < 1e-4
+    assert float((corrected.weights.sequence() - 1).abs().max()) < 1e-4
+    torch.testing.assert_close(corrected.loss.per_sample, plain.loss.per_sample, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_llama_engine_logprobs_equal_the_training_forward(tmp_path):
     vllm_or_skip()
     module = make_module(str(save_tiny_llama(tmp_path / "llama")), tokenizer="builtin:tiny-gpt2")
