@@ -14,7 +14,7 @@ import pytest
 import torch
 from tabular_lm import TabularLM, exact_kl
 
-from {{ cookiecutter.package_name }}.kl.correction import ImportanceWeights, importance_weights
+from {{ cookiecutter.package_name }}.kl.correction import ImportanceWeights, effective_sample_size, importance_weights
 from {{ cookiecutter.package_name }}.kl.estimators import kl_surrogate, kl_values, sequence_kl
 from {{ cookiecutter.package_name }}.kl.objective import Objective, rloo_kl_loss
 from {{ cookiecutter.package_name }}.kl.token_stats import masked_token_stats
@@ -262,6 +262,13 @@ def test_no_correction_leaves_every_value_and_gradient_as_it_was():
 def test_bad_engine_corrections_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Sampling(**kwargs)
+
+
+def test_the_effective_sample_size_of_the_weights():
+    assert effective_sample_size(torch.full((8,), 3.0)).item() == pytest.approx(1.0)
+    assert effective_sample_size(torch.tensor([0.0, -800.0, -800.0, -800.0])).item() == pytest.approx(1 / 4)
+    # Two of four equal, two 0: half the batch.
+    assert effective_sample_size(torch.tensor([900.0, 900.0, -1e4, -1e4])).item() == pytest.approx(1 / 2)
 
 
 def test_a_correction_without_the_engines_log_probs_is_refused():

@@ -344,6 +344,7 @@ def test_fit_with_the_vllm_engine_and_lora_logs_an_exact_engine(tmp_path):
     assert [int(r["step"]) for r in train] == [0, 1, 2]
     for row in train:
         assert float(row["train/engine/logp_gap"]) < 1e-5 and abs(float(row["train/engine/kl"])) < 1e-6
+        assert float(row["train/engine/ess"]) > 0.9999, "weights pi/mu of an exact engine are all 1"
     # The first batch samples from the weights the engine started with; each later one after a sync.
     assert float(train[0]["train/engine/sync_seconds"]) == 0.0
     assert all(float(r["train/engine/sync_seconds"]) > 0 for r in train[1:])

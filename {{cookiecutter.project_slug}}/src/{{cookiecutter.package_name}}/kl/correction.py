@@ -64,9 +64,6 @@ class ImportanceWeights:
         that log p_old(y) - log p_theta(y) gives the sampling policy's weight p_old(y) / mu(y)."""
         return self._weight(self.log_ratio.sum(-1) + log_shift, dtype)
 
-    def select(self, rows: Tensor) -> ImportanceWeights:
-        return ImportanceWeights(self.log_ratio[rows], self.cap)
-
     @staticmethod
     def cat(parts: list[ImportanceWeights]) -> ImportanceWeights:
         return ImportanceWeights(torch.cat([part.log_ratio for part in parts]), parts[0].cap)
@@ -96,3 +93,10 @@ def relative_to_go(weighted_to_go: Tensor, through: Tensor) -> Tensor:
     W_<=s underflows to 0 the term it would weigh is 0 too; 0 keeps the others' baseline finite.
     """
     return torch.where(through > 0, weighted_to_go / through.clamp(min=torch.finfo(through.dtype).tiny), 0.0)
+
+
+def effective_sample_size(log_weights: Tensor) -> Tensor:
+    """(sum w)^2 / (N sum w^2) of N weights given by their logs [N]: 1 when all are equal, 1/N when
+    one sample carries all the weight. The share of the batch a weighted mean effectively rests on."""
+    w = (log_weights.double() - log_weights.double().max()).exp()  # the shift cancels in the ratio
+    return w.sum().square() / (len(w) * w.square().sum())

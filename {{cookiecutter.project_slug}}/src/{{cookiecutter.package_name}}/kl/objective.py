@@ -149,7 +149,7 @@ def rloo_kl_loss(
     ratio = torch.exp(seq_logp - reference)  # [N], 1 on-policy, with gradient rho * grad log p
     weight = ratio.detach()
     # p_old(y) / mu(y): what takes the sampling engine's draws to the policy that sampled.
-    engine = None if weights is None else weights.sequence(weight.dtype, reference - seq_logp.detach())
+    engine_weight = None if weights is None else weights.sequence(weight.dtype, reference - seq_logp.detach())
 
     if o.kl_placement == "loss":
         advantage = group_advantage(rewards, k, o.advantage).detach()
@@ -161,7 +161,7 @@ def rloo_kl_loss(
         kl = kl_values(stats, mask, o.reward_kl_estimator)  # [N], differentiable with y fixed
         advantage = group_advantage(rewards - o.beta * kl.detach(), k, o.advantage).detach()
         kl_term = torch.zeros_like(kl) if o.detach_reward_kl else kl  # the pathwise part
-        kl_weight = weight if engine is None else weight * engine
+        kl_weight = weight if engine_weight is None else weight * engine_weight
 
     policy_gradient = -ratio * advantage
     clipped = torch.zeros_like(weight, dtype=torch.bool)
@@ -169,8 +169,8 @@ def rloo_kl_loss(
         low, high = 1 - o.clip_range, 1 + o.clip_range
         policy_gradient = torch.maximum(policy_gradient, -ratio.clamp(low, high) * advantage)
         clipped = ((weight > high) & (advantage > 0)) | ((weight < low) & (advantage < 0))
-    if engine is not None:
-        policy_gradient = engine * policy_gradient
+    if engine_weight is not None:
+        policy_gradient = engine_weight * policy_gradient
     kl_part = o.beta * kl_weight * kl_term
     per_sample = policy_gradient + kl_part
     return LossParts(
