@@ -307,6 +307,36 @@ def test_the_correction_makes_an_engine_off_the_policy_estimate_the_exact_kl():
 
 
 @pytest.mark.slow
+def test_the_kl_evaluation_on_the_engine_with_a_correction_reports_what_the_exact_engine_gives(tmp_path):
+    import json
+
+    from conftest import run_kl_evaluation
+
+    vllm_or_skip()
+    (tmp_path / "prompts.txt").write_text("the movie was\na film with\nthe acting\ni loved the\nwhat a\n")
+    reports = {}
+    for correction in ("none", "is"):
+        (tmp_path / correction).mkdir()
+        result = run_kl_evaluation(
+            "--data.test_path",
+            str(tmp_path / "prompts.txt"),
+            "--model.init_args.sampling.test_samples_per_prompt=4",
+            "--model.init_args.sampling.max_new_tokens=6",
+            "--model.init_args.sampling.engine=vllm",
+            "--model.init_args.sampling.vllm.kv_cache_gib=0.25",
+            "--model.init_args.sampling.vllm.eager=true",
+            f"--model.init_args.sampling.engine_correction={correction}",
+            cwd=tmp_path / correction,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        report = next((tmp_path / correction / "logs").rglob("kl_report.json"))
+        reports[correction] = json.loads(report.read_text())["estimators"]
+    # The same seeded draws, weighted by pi/mu = 1 to float32 rounding: the same estimates.
+    for name, row in reports["none"].items():
+        assert reports["is"][name]["mean"] == pytest.approx(row["mean"], rel=1e-4, abs=1e-6), name
+
+
+@pytest.mark.slow
 def test_llama_engine_logprobs_equal_the_training_forward(tmp_path):
     vllm_or_skip()
     module = make_module(str(save_tiny_llama(tmp_path / "llama")), tokenizer="builtin:tiny-gpt2")
