@@ -135,7 +135,9 @@ class RBKLModule(KLEvaluation, L.LightningModule):
             {f"{stage}_study": EstimatorStudy(stage, LOGGED_ESTIMATORS, track.get(stage, ())) for stage in STAGES}
         )
         self.grad_variance = (
-            GradVarianceProbe(self.pair, self.objective.beta, self.updates.grad_variance_contrasts) if track else None
+            GradVarianceProbe(self.pair, self.objective.beta, self.updates.grad_variance_contrasts, self.sampling)
+            if track
+            else None
         )
         # Checkpoints hold the policy only: the reference and reward are rebuilt from the config.
         self.strict_loading = False
