@@ -60,6 +60,7 @@ PROJECT_FILES = [
 PACKAGE_MODULES = [
     "__init__",
     "kl/__init__",
+    "kl/correction",
     "kl/estimators",
     "kl/fused_head",
     "kl/grad_variance",
@@ -119,6 +120,7 @@ TEST_MODULES = [
     "test_data_and_rewards",
     "test_ddp",
     "test_docs",
+    "test_engine_correction",
     "test_estimators",
     "test_fused_enumeration",
     "test_fused_head",

@@ -161,6 +161,27 @@ def test_the_parts_add_up_to_the_loss_that_trains():
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_with_engine_weights_the_parts_add_up_to_the_weighted_loss():
+    # Samples from a proposal mu != p, weighted as sampling.engine_correction weighs the loss.
+    from {{ cookiecutter.package_name }}.kl.correction import ImportanceWeights
+
+    p, q = models()
+    tokens, mask = p.sample(4 * K, torch.Generator().manual_seed(1))
+    stats = masked_token_stats(p.logits(tokens), q.logits(tokens), tokens, mask, kl_grad=True)
+    engine_logp = stats.logp.detach() + 0.3 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(2))
+    weights = ImportanceWeights.of(stats.logp, engine_logp.masked_fill(~mask, 0.0), mask)
+    rewards = reward_of(tokens, mask)
+    parts = update_parts(stats, mask, rewards, K, BETA, weights)
+    for gradient in ("mc", "rb"):
+        objective = Objective(BETA, kl_gradient=gradient)
+        loss = rloo_kl_loss(stats, mask, rewards, K, objective, weights=weights).per_sample.sum()
+        want = torch.autograd.grad(loss, p.table, retain_graph=True)[0]
+        got = torch.autograd.grad((parts["reward"] + parts[f"kl_{gradient}"]).sum(), p.table, retain_graph=True)[0]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    unweighted = update_parts(stats, mask, rewards, K, BETA)
+    assert not torch.allclose(parts["kl_rb"], unweighted["kl_rb"])
+
+
 def test_the_estimate_is_unbiased_for_each_part(exact, sampled_groups):
     # One random contrast per group (K - 1 of them are exact: the next test).
     z = z_scores(estimates(sampled_groups, lambda g: unit_contrasts(K, 1, g)), exact)

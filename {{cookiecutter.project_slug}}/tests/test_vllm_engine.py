@@ -224,6 +224,119 @@ def make_old_logp(module, samples, scale: float):
 
 
 @pytest.mark.slow
+def test_an_engine_correction_weighs_the_exact_cpu_engine_by_one(gpt2_module):
+    import dataclasses
+
+    from {{ cookiecutter.package_name }}.training.rollout import Rollout
+
+    samples, _ = engine_vs_trainer(gpt2_module, seed=3)
+    rollout = Rollout(PROMPTS, samples, torch.arange(len(samples.response), dtype=torch.float32), 4)
+    plain = gpt2_module.model_step(rollout)
+    sampling = gpt2_module.sampling
+    gpt2_module.sampling = dataclasses.replace(sampling, engine_correction="is")
+    try:
+        corrected = gpt2_module.model_step(rollout)
+    finally:
+        gpt2_module.sampling = sampling
+    # The engine's log-probs reach the weights; in float32 on a CPU mu = pi, so every weight is 1.
+    assert plain.weights is None and corrected.weights is not None
+    assert float((corrected.weights.prefix() - 1).abs().max()) < 1e-4
+    assert float((corrected.weights.sequence() - 1).abs().max()) < 1e-4
+    torch.testing.assert_close(corrected.loss.per_sample, plain.loss.per_sample, rtol=1e-4, atol=1e-5)
+
+
+def exact_lm(head_shift: float = 0.0, seed: int = 0):
+    """test_sampling's tiny model (6 tokens, responses of at most 3) with its LM head moved by
+    head_shift N(0, 1): untied, as the engine must load it."""
+    from {{ cookiecutter.package_name }}.models.loading import tiny_gpt2
+
+    model = tiny_gpt2(6, eos_token_id=0, seed=3, n_positions=16).eval()
+    head = 0.25 * torch.randn(6, model.config.n_embd, generator=torch.Generator().manual_seed(0))
+    head += head_shift * torch.randn(6, model.config.n_embd, generator=torch.Generator().manual_seed(seed))
+    model.lm_head.weight = torch.nn.Parameter(head)
+    model.config.tie_word_embeddings = False
+    return model
+
+
+def response_logits(model, samples):
+    """[N, R, V]: the logits that produced each response token, with generation's position ids."""
+    from {{ cookiecutter.package_name }}.models.sampler import position_ids
+
+    mask = samples.attention_mask.long()
+    with torch.no_grad():
+        logits = model(samples.input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    return logits[:, samples.prompt_ids.shape[1] - 1 : -1]
+
+
+@pytest.mark.slow
+def test_the_correction_makes_an_engine_off_the_policy_estimate_the_exact_kl():
+    # The engine serves mu; the policy pi is mu with its head moved (an engine whose kernels, or
+    # weights, differ). Every response is enumerated, so KL(pi || q) of each prompt is exact.
+    import math
+
+    from test_sampling import EXACT_PROMPTS, exact_response_probabilities, left_padded
+
+    from {{ cookiecutter.package_name }}.kl.correction import importance_weights
+    from {{ cookiecutter.package_name }}.kl.estimators import kl_values
+    from {{ cookiecutter.package_name }}.kl.token_stats import TokenStats, masked_token_stats
+    from {{ cookiecutter.package_name }}.models.vllm_engine import VLLMSampler
+
+    vllm_or_skip()
+    draws = 3000
+    mu, pi, q = exact_lm(), exact_lm(0.1, seed=1), exact_lm(0.1, seed=2)
+    engine = VLLMSampler(mu, [0], 0, 3, VLLMSettings(kv_cache_gib=0.25, eager=True))
+    torch.manual_seed(0)
+    samples = engine(*left_padded(EXACT_PROMPTS), draws)
+    mask = samples.response_mask
+    stats = masked_token_stats(response_logits(pi, samples), response_logits(q, samples), samples.response, mask)
+    z = {}
+    for i, prompt in enumerate(EXACT_PROMPTS):
+        p_exact, q_exact = exact_response_probabilities(pi, prompt), exact_response_probabilities(q, prompt)
+        exact = sum(p * math.log(p / q_exact[y]) for y, p in p_exact.items())
+        rows = slice(i * draws, (i + 1) * draws)
+        part = TokenStats(stats.logp[rows], stats.logq[rows], stats.kl[rows], stats.entropy[rows])
+        for correction in ("is", "none"):
+            weights = importance_weights(part.logp, samples.engine_logp[rows], mask[rows], correction)
+            for name in ("mc", "rb"):
+                values = kl_values(part, mask[rows], name, weights=weights)
+                z[correction, name, i] = (values.mean().item() - exact) / (values.std().item() / math.sqrt(draws))
+    # Measured: is within 0.8 SE; none 28 and 64 SE off for mc, 3.4 and 19 for rb.
+    assert all(abs(v) < 4 for (correction, _, _), v in z.items() if correction == "is"), z
+    for name in ("mc", "rb"):
+        assert max(abs(z["none", name, i]) for i in range(len(EXACT_PROMPTS))) > 6, z
+
+
+@pytest.mark.slow
+def test_the_kl_evaluation_on_the_engine_with_a_correction_reports_what_the_exact_engine_gives(tmp_path):
+    import json
+
+    from conftest import run_kl_evaluation
+
+    vllm_or_skip()
+    (tmp_path / "prompts.txt").write_text("the movie was\na film with\nthe acting\ni loved the\nwhat a\n")
+    reports = {}
+    for correction in ("none", "is"):
+        (tmp_path / correction).mkdir()
+        result = run_kl_evaluation(
+            "--data.test_path",
+            str(tmp_path / "prompts.txt"),
+            "--model.init_args.sampling.test_samples_per_prompt=4",
+            "--model.init_args.sampling.max_new_tokens=6",
+            "--model.init_args.sampling.engine=vllm",
+            "--model.init_args.sampling.vllm.kv_cache_gib=0.25",
+            "--model.init_args.sampling.vllm.eager=true",
+            f"--model.init_args.sampling.engine_correction={correction}",
+            cwd=tmp_path / correction,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        report = next((tmp_path / correction / "logs").rglob("kl_report.json"))
+        reports[correction] = json.loads(report.read_text())["estimators"]
+    # The same seeded draws, weighted by pi/mu = 1 to float32 rounding: the same estimates.
+    for name, row in reports["none"].items():
+        assert reports["is"][name]["mean"] == pytest.approx(row["mean"], rel=1e-4, abs=1e-6), name
+
+
+@pytest.mark.slow
 def test_llama_engine_logprobs_equal_the_training_forward(tmp_path):
     vllm_or_skip()
     module = make_module(str(save_tiny_llama(tmp_path / "llama")), tokenizer="builtin:tiny-gpt2")
@@ -261,6 +374,7 @@ def test_fit_with_the_vllm_engine_and_lora_logs_an_exact_engine(tmp_path):
     assert [int(r["step"]) for r in train] == [0, 1, 2]
     for row in train:
         assert float(row["train/engine/logp_gap"]) < 1e-5 and abs(float(row["train/engine/kl"])) < 1e-6
+        assert float(row["train/engine/ess"]) > 0.9999, "weights pi/mu of an exact engine are all 1"
     # The first batch samples from the weights the engine started with; each later one after a sync.
     assert float(train[0]["train/engine/sync_seconds"]) == 0.0
     assert all(float(r["train/engine/sync_seconds"]) > 0 for r in train[1:])

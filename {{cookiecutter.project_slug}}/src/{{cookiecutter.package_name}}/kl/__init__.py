@@ -7,6 +7,7 @@ Lightning or transformers (docs/estimators.md holds the derivations, cited here 
     objective       the KL-regularised RLOO loss and its leave-one-out baselines
     grad_variance   the per-sample gradient's spread, update variance and no-baseline variance, per part (§10)
     mismatch        how far an inference engine's sampling distribution is from the policy's (§11)
+    correction      importance weights pi/mu that take an engine's samples back to the policy (§12)
 """
 
 from .estimators import GRADIENT_ESTIMATORS, VALUE_ESTIMATORS, kl_grad_surrogate, sequence_kl

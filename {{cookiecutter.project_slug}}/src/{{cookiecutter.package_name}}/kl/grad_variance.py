@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .correction import ImportanceWeights
 from .estimators import kl_surrogate, leave_one_out_mean
 from .token_stats import TokenStats
 
@@ -38,19 +39,29 @@ GRADIENT_PARTS = ("reward", "kl_mc", "kl_rb")
 _TOTALS = {"total_mc": ("reward", "kl_mc"), "total_rb": ("reward", "kl_rb")}
 
 
-def update_parts(stats: TokenStats, mask: Tensor, rewards: Tensor, k: int | None, beta: float) -> dict[str, Tensor]:
+def update_parts(
+    stats: TokenStats,
+    mask: Tensor,
+    rewards: Tensor,
+    k: int | None,
+    beta: float,
+    weights: ImportanceWeights | None = None,
+) -> dict[str, Tensor]:
     """Per-sample surrogates [N] of each part of the on-policy update (rho = 1), k samples per prompt.
 
     reward + kl_rb (or kl_mc) is `rloo_kl_loss(...).per_sample` of the default objective with that
     KL gradient, term for term; the KL parts are measured for both gradients on the same samples.
     k None: no baselines (-R_j log p(y_j) and the bare KL surrogates), the paper's estimators.
+    `weights`: samples from an engine's mu, weighted as the loss weighs them (docs/estimators.md §12).
     """
     seq_logp = stats.logp.sum(-1)  # [N]
     advantage = rewards if k is None else rewards - leave_one_out_mean(rewards, k)
+    if weights is not None:
+        advantage = weights.sequence(seq_logp.dtype) * advantage
     return {
         "reward": -advantage.detach() * seq_logp,
-        "kl_mc": beta * kl_surrogate(stats, mask, "mc", group_size=k),
-        "kl_rb": beta * kl_surrogate(stats, mask, "rb", group_size=k),
+        "kl_mc": beta * kl_surrogate(stats, mask, "mc", group_size=k, weights=weights),
+        "kl_rb": beta * kl_surrogate(stats, mask, "rb", group_size=k, weights=weights),
     }
 
 

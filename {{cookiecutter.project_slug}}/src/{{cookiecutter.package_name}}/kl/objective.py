@@ -26,6 +26,10 @@ Variants (each an option of `Objective`):
   Clipping trades bias for stability once theta has moved; KL terms outside the advantage (the
   loss placement's KL surrogate, the reward placement's pathwise term) keep the plain ratio, so
   they stay unbiased.
+- Samples from an inference engine's mu instead of p (`weights`, docs/estimators.md §12): the
+  policy gradient and the reward placement's terms take the sequence weight p_old(y) / mu(y)
+  (times rho, which takes it on to p_theta(y) / mu(y)); the loss placement's KL surrogate takes
+  the weights p_theta / mu at the current theta (rb: one per prefix) in place of rho.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from .correction import ImportanceWeights
 from .estimators import (
     GRADIENT_ESTIMATORS,
     check_estimator,
@@ -129,26 +134,34 @@ def rloo_kl_loss(
     k: int,
     objective: Objective,
     old_logp: Tensor | None = None,
+    weights: ImportanceWeights | None = None,
 ) -> LossParts:
     """Surrogate loss for N = prompts * k samples (adjacent per prompt), stats at the current theta.
 
     `old_logp` [N]: log-probability of each response under the policy that sampled it; None when
     the weights have not changed since sampling (then rho = 1 and its gradient is grad log p).
+    `weights`: the responses were drawn from an engine's mu, with these weights p_theta / mu at
+    the current theta (correction.py); None: drawn from the policy itself.
     """
     o = objective
     seq_logp = stats.logp.sum(-1)  # [N]
     reference = seq_logp.detach() if old_logp is None else old_logp.detach()
     ratio = torch.exp(seq_logp - reference)  # [N], 1 on-policy, with gradient rho * grad log p
     weight = ratio.detach()
+    # p_old(y) / mu(y): what takes the sampling engine's draws to the policy that sampled.
+    engine_weight = None if weights is None else weights.sequence(weight.dtype, reference - seq_logp.detach())
 
     if o.kl_placement == "loss":
         advantage = group_advantage(rewards, k, o.advantage).detach()
         # Baseline: the other samples' weight (for rb per position: their KL still to come).
-        kl_term = kl_surrogate(stats, mask, o.kl_gradient, group_size=k)  # [N]
+        kl_term = kl_surrogate(stats, mask, o.kl_gradient, group_size=k, weights=weights)  # [N]
+        # Weighted, the surrogate already averages to the gradient at the current theta.
+        kl_weight = weight if weights is None else torch.ones_like(weight)
     else:
         kl = kl_values(stats, mask, o.reward_kl_estimator)  # [N], differentiable with y fixed
         advantage = group_advantage(rewards - o.beta * kl.detach(), k, o.advantage).detach()
         kl_term = torch.zeros_like(kl) if o.detach_reward_kl else kl  # the pathwise part
+        kl_weight = weight if engine_weight is None else weight * engine_weight
 
     policy_gradient = -ratio * advantage
     clipped = torch.zeros_like(weight, dtype=torch.bool)
@@ -156,7 +169,9 @@ def rloo_kl_loss(
         low, high = 1 - o.clip_range, 1 + o.clip_range
         policy_gradient = torch.maximum(policy_gradient, -ratio.clamp(low, high) * advantage)
         clipped = ((weight > high) & (advantage > 0)) | ((weight < low) & (advantage < 0))
-    kl_part = o.beta * weight * kl_term
+    if engine_weight is not None:
+        policy_gradient = engine_weight * policy_gradient
+    kl_part = o.beta * kl_weight * kl_term
     per_sample = policy_gradient + kl_part
     return LossParts(
         loss=per_sample.mean(),

@@ -10,7 +10,8 @@ engine's stop ids and max_new_tokens; nothing else reaches its SamplingParams.
 What is exact and what is not (docs/estimators.md §11): in float32 on a CPU the engine's
 sampled-token log-probs equal the training forward's to about 1e-6; on a GPU its kernels (bf16,
 fused attention, CUDA graphs) differ from the trainer's, the samples come from mu != pi and
-`Samples.engine_logp` lets the step measure the gap (kl/mismatch.py).
+`Samples.engine_logp` lets the step measure the gap (kl/mismatch.py) and, with
+`sampling.engine_correction`, weigh the samples back to pi (kl/correction.py).
 
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the weights reach its worker
 by reference, not through a pipe. Under DDP every rank starts its own engine.

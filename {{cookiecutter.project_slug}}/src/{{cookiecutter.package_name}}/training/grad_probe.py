@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..kl.correction import importance_weights
 from ..kl.grad_variance import (
     GRAD_VAR_QUANTITIES,
     contrast_generator,
@@ -23,6 +24,7 @@ from ..kl.grad_variance import (
 from ..kl.token_stats import TokenStats, masked_token_stats
 from ..models.pair import ModelPair
 from ..models.sampler import Samples
+from .options import Sampling
 from .rollout import Rollout
 
 
@@ -39,8 +41,9 @@ class GradVarianceProbe:
     forward and 3 x `contrasts` backward passes of k rows per prompt.
     """
 
-    def __init__(self, pair: ModelPair, beta: float, contrasts: int | None = None):
+    def __init__(self, pair: ModelPair, beta: float, contrasts: int | None = None, sampling: Sampling | None = None):
         self.pair, self.beta, self.contrasts = pair, beta, contrasts
+        self.sampling = sampling or Sampling()  # its engine_correction weighs the parts as the loss does
 
     def trained_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.pair.policy.parameters() if p.requires_grad]
@@ -49,6 +52,15 @@ class GradVarianceProbe:
         policy_logits = self.pair.response_logits(self.pair.policy, samples)
         ref_logits = self.pair.reference_logits(samples)
         return masked_token_stats(policy_logits, ref_logits, samples.response, samples.response_mask, kl_grad=True)
+
+    def parts(self, samples: Samples, rewards: Tensor, k: int | None, stats: TokenStats | None = None):
+        """`update_parts` of one prompt's samples, with the weights of sampling.engine_correction."""
+        stats = self.stats(samples) if stats is None else stats
+        s, mask = self.sampling, samples.response_mask
+        weights = importance_weights(
+            stats.logp, samples.engine_logp, mask, s.engine_correction, s.engine_correction_cap
+        )
+        return update_parts(stats, mask, rewards, k, self.beta, weights)
 
     def __call__(self, rollout: Rollout, step: int) -> Tensor:
         """[n, 5]: one row per prompt of the rollout, columns GRAD_VAR_PARTS."""
@@ -59,9 +71,7 @@ class GradVarianceProbe:
         with torch.inference_mode(False), torch.enable_grad():
             for i, prompt in enumerate(rollout.prompts):
                 group = rollout.select(torch.tensor([i]))
-                parts = update_parts(
-                    self.stats(group.samples), group.samples.response_mask, group.rewards, k, self.beta
-                )
+                parts = self.parts(group.samples, group.rewards, k)
                 rows.append(
                     prompt_grad_variance(parts, params, unit_contrasts(k, count, contrast_generator(step, prompt)))
                 )
@@ -82,13 +92,8 @@ class GradVarianceProbe:
             for i, prompt in enumerate(rollout.prompts):
                 groups = [r.select(torch.tensor([i])) for r in (rollout, second)]
                 stats = [self.stats(g.samples) for g in groups]
-                masks = [g.samples.response_mask for g in groups]
-                with_baselines = [
-                    update_parts(s, m, g.rewards, k, self.beta) for s, m, g in zip(stats, masks, groups, strict=True)
-                ]
-                without = [
-                    update_parts(s, m, g.rewards, None, self.beta) for s, m, g in zip(stats, masks, groups, strict=True)
-                ]
+                with_baselines = [self.parts(g.samples, g.rewards, k, s) for s, g in zip(stats, groups, strict=True)]
+                without = [self.parts(g.samples, g.rewards, None, s) for s, g in zip(stats, groups, strict=True)]
                 generator = contrast_generator(step, prompt)
                 spreads = [
                     prompt_grad_variance(p, params, unit_contrasts(k, spread_count, generator)) for p in with_baselines

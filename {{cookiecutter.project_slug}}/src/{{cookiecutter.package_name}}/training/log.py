@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from ..kl.correction import effective_sample_size
 from ..kl.mismatch import engine_kl, logp_gap
 from ..kl.objective import Objective
 from .metrics import EstimatorStudy, kl_key, reward_key
@@ -100,6 +101,8 @@ def engine_scalars(rollout: Rollout, logp: Tensor) -> dict[str, Tensor]:
         "train/engine/sync_seconds": torch.tensor(float(samples.sync_seconds or 0.0), device=logp.device),
         "train/engine/logp_gap": logp_gap(engine_logp, logp, mask).float(),
         "train/engine/kl": engine_kl(engine_logp, logp, mask).mean().float(),
+        # What sampling.engine_correction's sequence weights pi/mu would leave of the batch.
+        "train/engine/ess": effective_sample_size(((logp - engine_logp) * mask).sum(-1)).float(),
     }
 
 

@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
+from ..kl.correction import ImportanceWeights, importance_weights
 from ..kl.estimators import LOGGED_ESTIMATORS, all_kl_values
 from ..kl.objective import LossParts, Objective, rloo_kl_loss
 from ..kl.token_stats import TokenStats
@@ -60,17 +61,19 @@ class StepOutput:
     mask: Tensor  # [N, R] bool, the response positions
     group_size: int
     loss: LossParts | None  # None when the step computes no loss (validation)
+    weights: ImportanceWeights | None = None  # sampling.engine_correction: the samples came from mu
 
     @cached_property
     def values(self) -> dict[str, Tensor]:
         """Every logged KL estimator per sample [N], detached, computed when first read."""
-        return all_kl_values(self.stats, self.mask, self.group_size)
+        return all_kl_values(self.stats, self.mask, self.group_size, self.weights)
 
     @classmethod
     def joined(cls, pieces: list[StepOutput]) -> StepOutput:
         """Consecutive pieces of one batch as one (detached, no loss), estimated as one batch."""
         stats = TokenStats.cat([piece.stats for piece in pieces]).detach()
-        return cls(stats, torch.cat([piece.mask for piece in pieces]), pieces[0].group_size, None)
+        weights = None if pieces[0].weights is None else ImportanceWeights.cat([piece.weights for piece in pieces])
+        return cls(stats, torch.cat([piece.mask for piece in pieces]), pieces[0].group_size, None, weights)
 
 
 class RBKLModule(KLEvaluation, L.LightningModule):
@@ -132,7 +135,9 @@ class RBKLModule(KLEvaluation, L.LightningModule):
             {f"{stage}_study": EstimatorStudy(stage, LOGGED_ESTIMATORS, track.get(stage, ())) for stage in STAGES}
         )
         self.grad_variance = (
-            GradVarianceProbe(self.pair, self.objective.beta, self.updates.grad_variance_contrasts) if track else None
+            GradVarianceProbe(self.pair, self.objective.beta, self.updates.grad_variance_contrasts, self.sampling)
+            if track
+            else None
         )
         # Checkpoints hold the policy only: the reference and reward are rebuilt from the config.
         self.strict_loading = False
@@ -282,13 +287,21 @@ class RBKLModule(KLEvaluation, L.LightningModule):
         kl_grad, u, mask = with_loss and self.objective.needs_kl_grad, self.updates, rollout.samples.response_mask
         stats = self.pair.token_stats(rollout.samples, kl_grad, u.kl_chunk_rows, u.fused_lm_head, self.sharded)
         loss = self.compute_loss(stats, rollout, self.objective, old_logp) if with_loss else None
-        return StepOutput(stats, mask, rollout.group_size, loss)
+        return StepOutput(stats, mask, rollout.group_size, loss, self.importance_weights(stats, rollout))
 
     def compute_loss(
         self, stats: TokenStats, rollout: Rollout, objective: Objective, old_logp: Tensor | None = None
     ) -> LossParts:
+        mask, weights = rollout.samples.response_mask, self.importance_weights(stats, rollout)
+        return rloo_kl_loss(stats, mask, rollout.rewards, rollout.group_size, objective, old_logp, weights)
+
+    def importance_weights(self, stats: TokenStats, rollout: Rollout) -> ImportanceWeights | None:
+        """pi/mu of the engine's samples at the current weights (sampling.engine_correction); None: none."""
+        s = self.sampling
         mask = rollout.samples.response_mask
-        return rloo_kl_loss(stats, mask, rollout.rewards, rollout.group_size, objective, old_logp)
+        return importance_weights(
+            stats.logp, rollout.samples.engine_logp, mask, s.engine_correction, s.engine_correction_cap
+        )
 
     def study(self, stage: str) -> EstimatorStudy:
         """The statistics of a stage (train, val, test): updated per step, logged by compute()."""

