@@ -28,6 +28,7 @@ PROJECT_FILES = [
     "benchmarks/samples_per_second.py",
     "benchmarks/sampling.py",
     "benchmarks/step.py",
+    "benchmarks/step_profile.py",
     "benchmarks/updates.py",
     "configs/default.yaml",
     "configs/distill.yaml",

@@ -21,6 +21,7 @@ through a compiled forward (`torch.compile`; CUDA graphs on a GPU). Both are off
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -181,6 +182,13 @@ def _cache_length(cache: Cache) -> int:
     return cache.get_max_length() if hasattr(cache, "get_max_length") else cache.get_max_cache_shape()
 
 
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    """The forward's name for the KV cache: transformers renamed past_key_values to cache (5.x).
+    Asked once per class: a signature costs more than a decode step's own Python."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def _all_ranks_done(done: Tensor, synced: bool) -> bool:
     if not synced:
         return bool(done.all())
@@ -229,8 +237,7 @@ def sample_fast(
     n, prompt_len = ids.shape
     positions = position_ids(mask.long())  # [N, P], as generate derives them
     stops = torch.as_tensor(list(stop_ids), device=ids.device)
-    # transformers renamed past_key_values to cache (5.x); the loop speaks whichever the model takes.
-    cache_key = "cache" if "cache" in inspect.signature(unwrap_peft(model).forward).parameters else "past_key_values"
+    cache_key = _cache_argument(type(unwrap_peft(model)))
     attention = _attention_buffer(mask, cache, max_new_tokens)
     out = model(
         input_ids=ids,

@@ -29,5 +29,13 @@ def seeded_draws(seed: int, device: torch.device) -> Iterator[None]:
     """Every torch draw inside comes from `seed` (CPU and the device); the global state is put back after."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        # Only the generators this batch draws from: the same draws. torch.manual_seed also queues a
+        # seed for every backend not yet initialised (CUDA, XPU, MTIA on a CPU run) and formats the
+        # Python stack for each: 0.7 ms a batch under Lightning's stack, and the garbage it leaves.
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        elif device.type != "cpu":
+            torch.manual_seed(seed)  # another accelerator: every generator, as before
         yield

@@ -10,6 +10,7 @@ tokenizer re-encodes it (docs/estimators.md §6.7).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import math
@@ -114,11 +115,22 @@ def call_reward(reward: Reward, prompts: Sequence[Any], responses: Sequence[str]
     if not columns:
         return reward(prompts, responses)
     module_call = isinstance(reward, nn.Module) and type(reward).__call__ is nn.Module.__call__
-    parameters = inspect.signature(reward.forward if module_call else reward.__call__).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+    method = reward.forward if module_call else reward.__call__
+    bound = hasattr(method, "__func__")
+    named = _named_parameters(method.__func__ if bound else method, bound)
+    if named is None:
         return reward(prompts, responses, **columns)
-    named = {p.name for p in parameters}
     return reward(prompts, responses, **{k: v for k, v in columns.items() if k in named})
+
+
+@functools.cache
+def _named_parameters(function: Callable, bound: bool) -> frozenset[str] | None:
+    """The parameter names of a reward's call (`bound`: less the first, self), None when it takes
+    **kwargs: read once per function, not per batch (a signature costs about a small reward's call)."""
+    parameters = list(inspect.signature(function).parameters.values())[int(bound) :]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters)
 
 
 def as_reward(
