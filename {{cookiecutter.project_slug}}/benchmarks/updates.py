@@ -72,7 +72,7 @@ def child(setting: str, shape: str, batches: int) -> dict:
         module = build_module(shape, "float32", Path(folder), device, FixedRollout, **SETTINGS[setting])
         module.fixed = fixed_rollout(fixed_samples(device))
         times = BatchTimes()
-        trainer = quiet_trainer(max_steps=batches * module.updates_per_batch, callbacks=[times])
+        trainer = quiet_trainer(max_steps=batches * module.updates.per_batch, callbacks=[times])
         prompts = DataLoader(["the movie was"] * (RESPONSES // K) * batches, batch_size=RESPONSES // K, collate_fn=list)
         trainer.fit(module, prompts)
     batch = statistics.median(times.times[1:])

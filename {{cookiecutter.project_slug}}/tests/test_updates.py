@@ -19,7 +19,7 @@ from {{ cookiecutter.package_name }}.training.rewards import KeywordReward
 
 def fit(tiny_trainer, module, batches: int, batch_size: int = 4, **trainer_kw) -> L.Trainer:
     L.seed_everything(0)
-    steps = batches * module.updates_per_batch
+    steps = batches * module.updates.per_batch
     trainer = tiny_trainer(max_steps=steps, limit_val_batches=0, **trainer_kw)
     trainer.fit(module, PromptDataModule(batch_size=batch_size, epoch_repeats=50))
     return trainer

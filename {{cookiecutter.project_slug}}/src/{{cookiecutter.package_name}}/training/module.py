@@ -40,7 +40,7 @@ from .grad_probe import GradVarianceProbe
 from .lightning_internals import attached_trainer, plain_hyperparameters, start_next_epoch_afresh
 from .log import log_batch, should_log, training_row_step
 from .metrics import STAGES, EstimatorStudy
-from .optimizer import optimizer_and_schedule, planned_updates
+from .optimizer import clip_gradient_norm, optimizer_and_schedule, planned_updates
 from .options import LoRA, Optimization, Sampling, Updates, as_group
 from .random_draws import batch_seed, seeded_draws
 from .rewards import Reward, RewardFunction, Scores, as_reward
@@ -134,11 +134,8 @@ class RBKLModule(KLEvaluation, L.LightningModule):
         self.studies = nn.ModuleDict(  # keyed "<stage>_study": a key may not shadow a Module attribute (train)
             {f"{stage}_study": EstimatorStudy(stage, LOGGED_ESTIMATORS, track.get(stage, ())) for stage in STAGES}
         )
-        self.grad_variance = (
-            GradVarianceProbe(self.pair, self.objective.beta, self.updates.grad_variance_contrasts, self.sampling)
-            if track
-            else None
-        )
+        probe = GradVarianceProbe(self.pair, self.objective.beta, self.updates.grad_variance_contrasts, self.sampling)
+        self.grad_variance = probe if track else None
         # Checkpoints hold the policy only: the reference and reward are rebuilt from the config.
         self.strict_loading = False
         # The seed seed_everything set (LightningCLI seeds before building the module); a resumed
@@ -153,10 +150,6 @@ class RBKLModule(KLEvaluation, L.LightningModule):
     def sharded(self) -> bool:
         trainer = attached_trainer(self)
         return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
-
-    @property
-    def updates_per_batch(self) -> int:
-        return self.updates.per_batch
 
     def train(self, mode: bool = True):
         # Sampling and the training forward must see one distribution: every model stays in eval
@@ -269,17 +262,11 @@ class RBKLModule(KLEvaluation, L.LightningModule):
                 self.manual_backward(out.loss.loss * weight)
             outputs.append(out)
         if self.updates.gradient_clip_val is not None:
-            self.clip_gradient_norm(optimizer, self.updates.gradient_clip_val)
+            clip_gradient_norm(self, optimizer, self.updates.gradient_clip_val, self.sharded)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
         return outputs
-
-    def clip_gradient_norm(self, optimizer, max_norm: float) -> None:
-        if self.sharded:  # sharded gradients: only the root FSDP module knows the global norm
-            self.trainer.strategy.model.clip_grad_norm_(max_norm)
-        else:
-            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 
     def model_step(self, rollout: Rollout, *, with_loss: bool = True, old_logp: Tensor | None = None) -> StepOutput:
         """What depends on the current weights: token statistics, every estimate, the loss (training,
@@ -297,10 +284,9 @@ class RBKLModule(KLEvaluation, L.LightningModule):
 
     def importance_weights(self, stats: TokenStats, rollout: Rollout) -> ImportanceWeights | None:
         """pi/mu of the engine's samples at the current weights (sampling.engine_correction); None: none."""
-        s = self.sampling
-        mask = rollout.samples.response_mask
+        samples, s = rollout.samples, self.sampling
         return importance_weights(
-            stats.logp, rollout.samples.engine_logp, mask, s.engine_correction, s.engine_correction_cap
+            stats.logp, samples.engine_logp, samples.response_mask, s.engine_correction, s.engine_correction_cap
         )
 
     def study(self, stage: str) -> EstimatorStudy:
@@ -308,5 +294,5 @@ class RBKLModule(KLEvaluation, L.LightningModule):
         return self.studies[f"{stage}_study"]
 
     def configure_optimizers(self):
-        total = planned_updates(self.trainer, self.updates_per_batch)
+        total = planned_updates(self.trainer, self.updates.per_batch)
         return optimizer_and_schedule(self.policy, self.optimization, total)

@@ -57,3 +57,13 @@ def planned_updates(trainer: L.Trainer, per_batch: int) -> int | None:
     batches, max_steps = trainer.estimated_stepping_batches, trainer.max_steps
     total = int(batches) * per_batch if batches != float("inf") else None
     return min(total, max_steps) if total is not None and max_steps != -1 else total
+
+
+def clip_gradient_norm(
+    module: L.LightningModule, optimizer: torch.optim.Optimizer, max_norm: float, sharded: bool
+) -> None:
+    """Clip the gradients' global norm to `max_norm` (updates.gradient_clip_val) before a step."""
+    if sharded:  # sharded gradients: only the root FSDP module knows the global norm
+        module.trainer.strategy.model.clip_grad_norm_(max_norm)
+    else:
+        module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
