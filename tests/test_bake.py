@@ -23,6 +23,7 @@ PROJECT_FILES = [
     ".gitignore",
     "Makefile",
     "README.md",
+    "benchmarks/engines.py",
     "benchmarks/gpu_checks.sh",
     "benchmarks/grad_variance.py",
     "benchmarks/samples_per_second.py",

@@ -40,4 +40,11 @@ part sampling_static 300 python benchmarks/sampling.py --pairs 5 --static
 # (iv) the offline default end to end on the GPU
 part default 180 python train.py fit --config configs/default.yaml --trainer.accelerator=gpu \
   --trainer.enable_progress_bar=false --trainer.logger.init_args.name=gpu_default
+# (v) issue 30: rollouts on vLLM against the own decode loop, three shapes. The image must hold
+# vllm (pip install "vllm>=0.32,<0.33", or its wheels carried to an offline machine).
+if python -c "import vllm" 2>/dev/null; then
+  part engines 300 python benchmarks/engines.py --shapes tiny,b,q05 --rounds 3
+else
+  echo "== engines: skipped, vllm is not installed (pip install \"vllm>=0.32,<0.33\")"
+fi
 cp -r logs "$out/logs" 2>/dev/null || true
