@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,9 @@ def test_importing_kl_loads_neither_lightning_nor_transformers():
         f"import sys, {PACKAGE.name}.kl as kl; kl.sequence_kl; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'transformers', 'torchmetrics'}))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # This checkout's package, installed or not (a bake's tests run from its folder).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
 
