@@ -337,6 +337,56 @@ def test_the_kl_evaluation_on_the_engine_with_a_correction_reports_what_the_exac
 
 
 @pytest.mark.slow
+def test_the_kl_evaluation_on_the_engine_matches_exact_enumeration(tmp_path):
+    # train.py test with engine vllm, the 6-token policy and reference saved and loaded by path: the
+    # report's estimates of KL(pi || q) over these prompts against its value over every response.
+    import json
+    import math
+
+    from conftest import run_kl_evaluation
+    from test_sampling import NEW_TOKENS, exact_response_probabilities
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vllm_or_skip()
+    words = ["<eos>", "a", "b", "c", "d", "e"]  # ids 0-5, as exact_lm's vocabulary; EOS 0
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, eos_token="<eos>", pad_token="<eos>", unk_token="<eos>", padding_side="left"
+    )
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    pi, q = exact_lm(0.1, seed=1), exact_lm(0.1, seed=2)
+    pi.save_pretrained(tmp_path / "policy")
+    q.save_pretrained(tmp_path / "reference")
+    prompts = {"c a d": [3, 1, 4], "e": [5]}
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    result = run_kl_evaluation(
+        "--data.test_path",
+        str(tmp_path / "prompts.txt"),
+        f"--model.init_args.policy={tmp_path / 'policy'}",
+        f"--model.init_args.reference={tmp_path / 'reference'}",
+        f"--model.init_args.tokenizer={tmp_path / 'tokenizer'}",
+        "--model.init_args.sampling.test_samples_per_prompt=1000",
+        f"--model.init_args.sampling.max_new_tokens={NEW_TOKENS}",
+        "--model.init_args.sampling.engine=vllm",
+        "--model.init_args.sampling.vllm.kv_cache_gib=0.25",
+        "--model.init_args.sampling.vllm.eager=true",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(next((tmp_path / "logs").rglob("kl_report.json")).read_text())
+    exact = 0.0
+    for ids in prompts.values():
+        p_exact, q_exact = exact_response_probabilities(pi, ids), exact_response_probabilities(q, ids)
+        exact += sum(p * math.log(p / q_exact[y]) for y, p in p_exact.items()) / len(prompts)
+    for name in ("mc", "rb", "k3"):
+        row = report["estimators"][name]
+        # The prompts are fixed, only the samples random: the within-prompt standard error.
+        assert abs(row["mean"] - exact) < 4 * row["sem_within"], (name, row, exact)
+
+
+@pytest.mark.slow
 def test_llama_engine_logprobs_equal_the_training_forward(tmp_path):
     vllm_or_skip()
     module = make_module(str(save_tiny_llama(tmp_path / "llama")), tokenizer="builtin:tiny-gpt2")
