@@ -19,6 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
@@ -357,19 +358,30 @@ class CtrlC:
 CTRL_C = CtrlC()
 
 
+def leave_process_group() -> None:
+    """Every rank done: leave the process group together. Left to Lightning's atexit hook, each rank
+    tears gloo down on its own, and a 2-process CPU run once ended in an abort at exit
+    ("terminate called without an active exception") after training had finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def main(args=None) -> CLI:
     """Run the CLI. Errors end with one line `error: <sentence>` (RBKL_TRACEBACK=1: the traceback)."""
     _quiet()
     CTRL_C.presses = 0
     previous = signal.signal(signal.SIGINT, CTRL_C)
     try:
-        return CLI(
+        cli = CLI(
             RBKLModule,
             PromptDataModule,
             subclass_mode_model=True,
             parser_kwargs={"parser_mode": "omegaconf", **{stage: {"description": HELP} for stage in SUBCOMMANDS}},
             args=args,
         )
+        leave_process_group()
+        return cli
     except SIGTERMException:
         # LastCheckpoint saved the checkpoint and CLI printed how to continue.
         sys.exit(EXIT_SIGINT if CTRL_C.presses else EXIT_SIGTERM)
