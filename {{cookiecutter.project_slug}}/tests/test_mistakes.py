@@ -319,6 +319,23 @@ def test_a_test_of_a_checkpoint_reports_into_its_run_and_names_it(tmp_path, fini
     assert "dirpath has changed" not in result.stderr
 
 
+def test_a_test_of_a_checkpoint_draws_from_the_seed_given_now(tmp_path, finished_run):
+    """A resumed fit continues the checkpoint's draws (test_resume.py); an evaluation repeated with
+    another --seed_everything must see fresh samples, and the same seed the same ones."""
+    cwd, run = copy_of(finished_run, tmp_path)
+    checkpoint = "logs/default/version_0/checkpoints/last.ckpt"
+
+    def report(seed: int) -> dict:
+        argv = ("test", "--ckpt_path", checkpoint, f"--seed_everything={seed}", "--trainer.enable_progress_bar=false")
+        result = run_script("train.py", *argv, cwd=cwd)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((run / "kl_report.json").read_text())["estimators"]
+
+    first, again, other = report(1), report(1), report(2)
+    assert first == again
+    assert all(first[name]["mean"] != other[name]["mean"] for name in ("mc", "rb"))
+
+
 def test_lightning_advice_that_does_not_apply_here_is_silenced_and_nothing_else():
     """Under DDP Lightning advises sync_dist for every value logged per epoch (tests/test_ddp.py checks
     the real run); the module's values are merged exactly by their torchmetrics states."""

@@ -60,11 +60,13 @@ def save_trained_only(checkpoint: dict[str, Any], keys: Sequence[str], run_seed:
 
 
 def load_trained_only(
-    checkpoint: dict[str, Any], keys: Sequence[str], rebuilt: Mapping[str, Any], run_seed: int
+    checkpoint: dict[str, Any], keys: Sequence[str], rebuilt: Mapping[str, Any], run_seed: int, fitting: bool = True
 ) -> int:
     """Check a checkpoint before Lightning loads it and complete it from the rebuilt module; returns
-    the run seed to continue with (the checkpoint's, else `run_seed`)."""
+    the run seed to draw with: a resumed fit continues the checkpoint's draws (else `run_seed`); a
+    test or validation of a checkpoint draws from `run_seed`, the seed given now, so that
+    --seed_everything repeats an evaluation on fresh samples."""
     check_holds(checkpoint, keys)
     fill_left_out(checkpoint, rebuilt)
     check_grouped(checkpoint.get("hyper_parameters", {}))
-    return checkpoint.get("run_seed", run_seed)
+    return checkpoint.get("run_seed", run_seed) if fitting else run_seed

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.trainer.states import TrainerFn
 
 from .atomic_files import read_csv, replaced_atomically, write_csv
 
@@ -186,6 +187,12 @@ def plain_hyperparameters(module: L.LightningModule, convert) -> None:
 def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
     """The module's trainer, or None (module.trainer raises when there is none)."""
     return module._trainer
+
+
+def fitting(module: L.LightningModule) -> bool:
+    """Whether the module is being fitted: True outside a trainer, False in test, validate, predict."""
+    trainer = attached_trainer(module)
+    return trainer is None or trainer.state.fn == TrainerFn.FITTING
 
 
 class ExplicitValuesWin:

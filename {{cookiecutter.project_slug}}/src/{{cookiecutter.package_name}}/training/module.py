@@ -37,7 +37,7 @@ from .checkpoint_state import load_trained_only, save_trained_only
 from .data import PromptBatch, stage_prompts
 from .evaluation import KLEvaluation
 from .grad_probe import GradVarianceProbe
-from .lightning_internals import attached_trainer, plain_hyperparameters, start_next_epoch_afresh
+from .lightning_internals import attached_trainer, fitting, plain_hyperparameters, start_next_epoch_afresh
 from .log import log_batch, should_log, training_row_step
 from .metrics import STAGES, EstimatorStudy
 from .optimizer import clip_gradient_norm, optimizer_and_schedule, planned_updates
@@ -171,7 +171,8 @@ class RBKLModule(KLEvaluation, L.LightningModule):
         save_trained_only(checkpoint, self.checkpointed_keys(), self.run_seed)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.run_seed = load_trained_only(checkpoint, self.checkpointed_keys(), self.state_dict(), self.run_seed)
+        keys, rebuilt = self.checkpointed_keys(), self.state_dict()
+        self.run_seed = load_trained_only(checkpoint, keys, rebuilt, self.run_seed, fitting=fitting(self))
 
     def draws(self, stage: str, batch_idx: int = 0):
         """The random draws of one batch, a function of (run seed, rank, stage, step, batch) only."""
