@@ -484,6 +484,29 @@ def test_compare_runs_and_the_sweep_summary_report_the_ratios_per_run_and_grid_p
     assert imread(tmp_path / "grad_variance.png").shape == (480, 1280, 4)
 
 
+def test_a_run_s_ratios_leave_out_the_probe_where_the_policy_is_its_reference():
+    from {{ cookiecutter.package_name }}.reports.compare_runs import run_grad_variance
+
+    def key(name):
+        return grad_var_key("train", "update", name)
+
+    header = ["step", key("kl_mc"), key("kl_rb"), key("kl_share_mc"), key("kl_mc_over_kl_rb")]
+    rows = [
+        dict(zip(header, values, strict=True))
+        for values in (
+            ("0", "0.0", "0.0", "0.0", "nan"),  # step 0: policy == reference, both KL parts exactly zero
+            ("20", "4.0", "0.5", "0.2", "8.0"),
+            ("40", "6.0", "1.5", "0.4", "4.0"),
+        )
+    ]
+    averages = run_grad_variance(rows)
+    assert averages[key("kl_share_mc")] == pytest.approx(0.3)  # 0.2 with the step-0 row kept
+    assert averages[key("kl_mc_over_kl_rb")] == pytest.approx(6.0)
+    # One KL part zero is a measurement, not the reference state: it stays.
+    rows[0][key("kl_mc")] = "1.0"
+    assert run_grad_variance(rows)[key("kl_share_mc")] == pytest.approx(0.2)
+
+
 def test_training_logs_the_three_quantities_every_n_steps_and_leaves_training_alone(tiny_trainer, tmp_path):
     from conftest import Characters
     from lightning.pytorch.loggers import CSVLogger

@@ -177,13 +177,22 @@ GRAD_VAR_RATIOS = [grad_var_key(stage, quantity, name) for stage, quantity in gr
 
 def run_grad_variance(rows: Sequence[Mapping[str, str]]) -> dict[str, float]:
     """A run's gradient-variance ratios (updates.track_grad_variance, grad_variance_every_n_steps), each
-    averaged over the rows that logged it, by column name; empty when none were logged."""
+    averaged over the rows that logged it, by column name; empty when none were logged.
+
+    A row whose two KL parts are both zero is left out of its stage's ratios: there the policy is
+    its reference (the first step of a run from the reference), the KL gradient is zero whatever
+    the estimator, and its shares of 0 would pull the run's mean towards a state it left at once.
+    """
     averages = {}
-    for key in GRAD_VAR_RATIOS:
-        values = [float(r[key]) for r in rows if r.get(key)]
-        values = [v for v in values if math.isfinite(v)]
-        if values:
-            averages[key] = float(np.mean(values))
+    for stage, quantity in grad_var_columns():
+        parts = [grad_var_key(stage, quantity, name) for name in ("kl_mc", "kl_rb")]
+        informative = [r for r in rows if not all(r.get(part) and float(r[part]) == 0.0 for part in parts)]
+        for name in RATIOS:
+            key = grad_var_key(stage, quantity, name)
+            values = [float(r[key]) for r in informative if r.get(key)]
+            values = [v for v in values if math.isfinite(v)]
+            if values:
+                averages[key] = float(np.mean(values))
     return averages
 
 
