@@ -69,6 +69,22 @@ def test_a_config_before_the_subcommand_is_not_accepted():
     assert exit_info.value.code not in (0, None)
 
 
+def test_a_nested_option_can_be_set_to_null_on_the_command_line(capsys):
+    from {{ cookiecutter.package_name }}.runs.cli import nulls_as_groups
+
+    assert nulls_as_groups(["fit", "--model.init_args.objective.clip_range", "null", "--x.init_args.a=null"]) == [
+        "fit",
+        '--model.init_args.objective={"clip_range": null}',
+        "--x.init_args.a=null",  # an init argument itself, not a group's field: left alone
+    ]
+    args = ["fit", "--config", str(PROJECT / "configs/default.yaml"), "--model.init_args.objective.clip_range=0.2"]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args=[*args, "--model.init_args.objective.clip_range=null", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    objective = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["objective"]
+    assert objective["clip_range"] is None and objective["beta"] == 0.05, "the rest of the group is kept"
+
+
 def test_the_checkpoint_settings_go_first_so_that_config_files_and_options_win(tmp_path, capsys):
     from {{ cookiecutter.package_name }}.runs.cli import checkpoint_settings_first
     from {{ cookiecutter.package_name }}.training.module import RBKLModule

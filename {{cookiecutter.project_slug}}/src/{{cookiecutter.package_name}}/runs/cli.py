@@ -119,12 +119,15 @@ class CLI(ExplicitValuesWin, LightningCLI):
         self.argv = list(argv)
         if sentence := yaml_syntax_error(argv):
             refuse(sentence)
+        argv = nulls_as_groups(argv)
         subcommand, ckpt_path = _subcommand_and_checkpoint(argv)
         if ckpt_path is None:
-            return super().parse_arguments(parser, args)
+            # LightningCLI.parse_arguments would parse the list it was given, not the rewritten argv.
+            self.config = parser.parse_args(argv)
+            return None
         if ckpt_path == "last":
             # Which run is the newest of this logger name: the config must be parsed to know.
-            super().parse_arguments(parser, args)
+            self.config = parser.parse_args(argv)
             path = self._last_checkpoint(subcommand)
         else:
             path = Path(ckpt_path)
@@ -277,6 +280,30 @@ def _subcommand_and_checkpoint(argv: list[str]) -> tuple[str | None, str | None]
         if arg.startswith("--ckpt_path="):
             return subcommand, arg.split("=", 1)[1]
     return subcommand, None
+
+
+def nulls_as_groups(argv: list[str]) -> list[str]:
+    """`--model.init_args.GROUP.FIELD=null` (or `... null`) as `--model.init_args.GROUP={"FIELD": null}`.
+
+    jsonargparse (4.53) hands the dotted form's null to a field of a dataclass group inside
+    init_args as the string 'None' and refuses it ("expected float or null, got 'None'"), so
+    `--model.init_args.objective.clip_range=null` could not switch clipping off. The group form
+    is merged into the group as the dotted one would be.
+    """
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        key, equals, value = arg.partition("=")
+        if not equals and i + 1 < len(argv):
+            value = argv[i + 1]
+        group, _, field = key.rpartition(".")
+        if value == "null" and key.startswith("--") and ".init_args." in group and field.isidentifier():
+            out.append(f"{group}={json.dumps({field: None})}")
+            i += 1 if equals else 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
 
 
 def checkpoint_settings_first(argv: list[str], subcommand: str, model: dict) -> list[str]:

@@ -178,7 +178,7 @@ def _expected_types(match: re.Match, cause: Cause, parser) -> str | None:
     """ "trainer.max_epochs: expected int or null, got 'two'" when every alternative is a plain type."""
     if not cause.expected or not cause.keys:
         return None
-    types = " or ".join(kind.replace("NoneType", "null") for kind in cause.expected)
+    types = " or ".join(dict.fromkeys(kind.replace("NoneType", "null") for kind in cause.expected))
     return f"{cause.where}: expected {types}" + (f", got {cause.given!r}" if cause.given else "")
 
 
