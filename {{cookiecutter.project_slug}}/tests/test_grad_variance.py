@@ -355,7 +355,13 @@ def test_the_metric_reports_means_ratios_and_their_delta_method_errors():
     for name, i in col.items():
         assert got[name] == pytest.approx(mean[i], rel=1e-12)
         assert got[f"{name}_sem"] == pytest.approx(x[:, i].std(ddof=1) / np.sqrt(n), rel=1e-10)
-    for name, (a, b) in {"kl_mc_over_kl_rb": (0, 1), "kl_share_mc": (0, 3), "kl_share_rb": (1, 4)}.items():
+    ratios = {
+        "kl_mc_over_kl_rb": (0, 1),
+        "kl_share_mc": (0, 3),
+        "kl_share_rb": (1, 4),
+        "total_mc_over_total_rb": (3, 4),
+    }
+    for name, (a, b) in ratios.items():
         gradient = np.zeros(5)
         gradient[a], gradient[b] = 1 / mean[b], -mean[a] / mean[b] ** 2
         assert got[name] == pytest.approx(mean[a] / mean[b], rel=1e-12)

@@ -42,6 +42,8 @@ CROSS_TERMS = {
 # and the cross term's share of each total.
 RATIOS = {
     "kl_mc_over_kl_rb": ("kl_mc", "kl_rb"),
+    # With `update`: what choosing the KL gradient does to the variance of the step, cross terms included.
+    "total_mc_over_total_rb": ("total_mc", "total_rb"),
     "kl_share_mc": ("kl_mc", "total_mc"),
     "kl_share_rb": ("kl_rb", "total_rb"),
     "cross_share_mc": ("cross_mc", "total_mc"),
