@@ -72,17 +72,35 @@ def test_a_config_before_the_subcommand_is_not_accepted():
 def test_a_nested_option_can_be_set_to_null_on_the_command_line(capsys):
     from {{ cookiecutter.package_name }}.runs.cli import nulls_as_groups
 
-    assert nulls_as_groups(["fit", "--model.init_args.objective.clip_range", "null", "--x.init_args.a=null"]) == [
+    argv = ["fit", "--model.init_args.objective.clip_range", "null", "--model.init_args.sampling.vllm.max_model_len=~"]
+    assert nulls_as_groups(argv) == [
         "fit",
         '--model.init_args.objective={"clip_range": null}',
-        "--x.init_args.a=null",  # an init argument itself, not a group's field: left alone
+        '--model.init_args.sampling={"vllm": {"max_model_len": null}}',
     ]
+    left_alone = [
+        "--model.init_args.reference=null",  # an init argument itself, not a group's field
+        "--model.init_args.sampling.generation_kwargs.top_k=null",  # a dict: the group form would replace it whole
+        "--trainer.max_steps=null",
+        "--config",
+        "null.yaml",
+    ]
+    assert nulls_as_groups(left_alone) == left_alone
     args = ["fit", "--config", str(PROJECT / "configs/default.yaml"), "--model.init_args.objective.clip_range=0.2"]
+    args += ["--model.init_args.objective.beta=0.5", "--model.init_args.sampling.vllm.max_model_len=512"]
     with pytest.raises(SystemExit) as exit_info:
-        train.main(args=[*args, "--model.init_args.objective.clip_range=null", "--print_config"])
+        train.main(
+            args=[
+                *args,
+                "--model.init_args.objective.clip_range=null",
+                "--model.init_args.sampling.vllm.max_model_len=null",
+                "--print_config",
+            ]
+        )
     assert exit_info.value.code in (0, None)
-    objective = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["objective"]
-    assert objective["clip_range"] is None and objective["beta"] == 0.05, "the rest of the group is kept"
+    init = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert init["objective"]["clip_range"] is None and init["objective"]["beta"] == 0.5, "the rest of the group kept"
+    assert init["sampling"]["vllm"]["max_model_len"] is None and init["sampling"]["max_new_tokens"] == 12
 
 
 def test_the_checkpoint_settings_go_first_so_that_config_files_and_options_win(tmp_path, capsys):

@@ -10,12 +10,14 @@ and exit with 143 and 130, so a scheduler never mistakes an interrupted run for 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import signal
 import sys
+import typing
 import warnings
 from pathlib import Path
 
@@ -122,7 +124,8 @@ class CLI(ExplicitValuesWin, LightningCLI):
         argv = nulls_as_groups(argv)
         subcommand, ckpt_path = _subcommand_and_checkpoint(argv)
         if ckpt_path is None:
-            # LightningCLI.parse_arguments would parse the list it was given, not the rewritten argv.
+            # What LightningCLI.parse_arguments does, without its warning that a list was given
+            # while sys.argv holds one: the list is sys.argv, rewritten.
             self.config = parser.parse_args(argv)
             return None
         if ckpt_path == "last":
@@ -282,28 +285,47 @@ def _subcommand_and_checkpoint(argv: list[str]) -> tuple[str | None, str | None]
     return subcommand, None
 
 
+MODEL_ARGS = "--model.init_args."
+YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
 def nulls_as_groups(argv: list[str]) -> list[str]:
     """`--model.init_args.GROUP.FIELD=null` (or `... null`) as `--model.init_args.GROUP={"FIELD": null}`.
 
     jsonargparse (4.53) hands the dotted form's null to a field of a dataclass group inside
     init_args as the string 'None' and refuses it ("expected float or null, got 'None'"), so
     `--model.init_args.objective.clip_range=null` could not switch clipping off. The group form
-    is merged into the group as the dotted one would be.
+    is merged into the group, the other fields kept, also through a nested group
+    (`sampling.vllm.max_model_len` becomes `sampling={"vllm": {"max_model_len": null}}`). Only
+    fields of the module's dataclass groups are rewritten: a dict option given this way would be
+    replaced whole.
     """
     out, i = [], 0
     while i < len(argv):
-        arg = argv[i]
-        key, equals, value = arg.partition("=")
+        key, equals, value = argv[i].partition("=")
         if not equals and i + 1 < len(argv):
             value = argv[i + 1]
-        group, _, field = key.rpartition(".")
-        if value == "null" and key.startswith("--") and ".init_args." in group and field.isidentifier():
-            out.append(f"{group}={json.dumps({field: None})}")
+        names = key.removeprefix(MODEL_ARGS).split(".")
+        if value in YAML_NULLS and key.startswith(MODEL_ARGS) and dataclass_field(names):
+            nested = None
+            for name in reversed(names[1:]):
+                nested = {name: nested}
+            out.append(f"{MODEL_ARGS}{names[0]}={json.dumps(nested)}")
             i += 1 if equals else 2
             continue
-        out.append(arg)
+        out.append(argv[i])
         i += 1
     return out
+
+
+def dataclass_field(names: list[str]) -> bool:
+    """Whether model.init_args.<names...> is a field of one of the module's dataclass groups."""
+    kind = typing.get_type_hints(RBKLModule.__init__).get(names[0])
+    for name in names[1:]:
+        if not dataclasses.is_dataclass(kind):
+            return False
+        kind = typing.get_type_hints(kind).get(name)
+    return len(names) > 1 and kind is not None
 
 
 def checkpoint_settings_first(argv: list[str], subcommand: str, model: dict) -> list[str]:
