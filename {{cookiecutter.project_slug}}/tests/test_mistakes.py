@@ -336,6 +336,28 @@ def test_a_test_of_a_checkpoint_draws_from_the_seed_given_now(tmp_path, finished
     assert all(first[name]["mean"] != other[name]["mean"] for name in ("mc", "rb"))
 
 
+def test_a_resumed_fit_keeps_the_checkpoint_s_seed_and_a_test_takes_the_one_given_now(tiny_trainer, tmp_path):
+    from {{ cookiecutter.package_name }}.training.data import PromptDataModule
+    from {{ cookiecutter.package_name }}.training.module import RBKLModule
+    from {{ cookiecutter.package_name }}.training.options import Sampling
+
+    def module(seed: int) -> RBKLModule:
+        torch.manual_seed(seed)  # what seed_everything does before LightningCLI builds the module
+        return RBKLModule(sampling=Sampling(max_new_tokens=2, val_samples_per_prompt=2, test_samples_per_prompt=2))
+
+    data = PromptDataModule(batch_size=2, epoch_repeats=1)
+    trained = module(5)
+    tiny_trainer(max_steps=1, limit_val_batches=0).fit(trained, data)
+    checkpoint = tmp_path / "step1.ckpt"
+    trained.trainer.save_checkpoint(checkpoint)
+    resumed = module(7)
+    tiny_trainer(max_steps=2, limit_val_batches=0).fit(resumed, data, ckpt_path=checkpoint)
+    assert resumed.run_seed == 5, "a resumed fit continues the checkpoint's draws"
+    tested = module(7)
+    tiny_trainer(limit_test_batches=1).test(tested, data, ckpt_path=checkpoint)
+    assert tested.run_seed == 7, "a test draws from the seed given now"
+
+
 def test_lightning_advice_that_does_not_apply_here_is_silenced_and_nothing_else():
     """Under DDP Lightning advises sync_dist for every value logged per epoch (tests/test_ddp.py checks
     the real run); the module's values are merged exactly by their torchmetrics states."""

@@ -190,7 +190,8 @@ def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
 
 
 def fitting(module: L.LightningModule) -> bool:
-    """Whether the module is being fitted: True outside a trainer, False in test, validate, predict."""
+    """Whether the module is being fitted: False in test, validate and predict; True outside a
+    trainer too, so that load_from_checkpoint keeps the checkpoint's state as a resume would."""
     trainer = attached_trainer(module)
     return trainer is None or trainer.state.fn == TrainerFn.FITTING
 
