@@ -185,8 +185,7 @@ def run_grad_variance(rows: Sequence[Mapping[str, str]]) -> dict[str, float]:
     """
     averages = {}
     for stage, quantity in grad_var_columns():
-        parts = [grad_var_key(stage, quantity, name) for name in ("kl_mc", "kl_rb")]
-        informative = [r for r in rows if not all(r.get(part) and float(r[part]) == 0.0 for part in parts)]
+        informative = [r for r in rows if not at_reference(r, stage, quantity)]
         for name in RATIOS:
             key = grad_var_key(stage, quantity, name)
             values = [float(r[key]) for r in informative if r.get(key)]
@@ -194,6 +193,12 @@ def run_grad_variance(rows: Sequence[Mapping[str, str]]) -> dict[str, float]:
             if values:
                 averages[key] = float(np.mean(values))
     return averages
+
+
+def at_reference(row: Mapping[str, str], stage: str, quantity: str) -> bool:
+    """Whether a probe was taken at the reference: both KL parts logged and exactly 0."""
+    parts = [row.get(grad_var_key(stage, quantity, name)) for name in ("kl_mc", "kl_rb")]
+    return all(part and float(part) == 0.0 for part in parts)
 
 
 def compare(
