@@ -3,11 +3,12 @@
     python benchmarks/kl_by_samples.py logs/default/version_0/checkpoints/last.ckpt
     python benchmarks/kl_by_samples.py CKPT --samples 2 5 10 --repeats 10 -- --data.test_path=prompts.txt
 
-Runs `train.py test --ckpt_path CKPT` once per M and seed (arguments after `--` go to each run),
+Runs `train.py test` of the checkpoint once per M and seed (arguments after `--` go to each run),
 keeps each run's `kl_report.json` under `--output`, and prints per estimator and M the mean of the
-estimates, their standard deviation over the repeats (seeds 0..R-1: fresh samples, the same
+estimates, their standard deviation over the repeats (seeds S..S+R-1: fresh samples, the same
 prompts) and the mean standard error the report gave for these prompts (`sem_within`): the
 two should agree, and both shrink as 1 / sqrt(M) for an unbiased estimator of a fixed prompt set.
+The tests run on a copy of the checkpoint in `--output`, so the run it came from is left as it was.
 
 The test's statistics need M >= 2 (a variance over a prompt's samples), so the paper's M = 1 is
 not run; its row is derived from the largest M: the same mean (the estimators are unbiased) and
@@ -47,73 +48,87 @@ def run_test(checkpoint: Path, samples: int, seed: int, extra: list[str]) -> dic
     return json.loads((checkpoint.parent.parent / "kl_report.json").read_text())
 
 
-def summarise(reports: dict[int, list[dict]], estimators: list[str]) -> list[dict]:
-    rows = []
-    largest = max(reports)
-    for name in estimators:
-        runs = reports[largest]
-        rows.append(
-            {
-                "estimator": name,
-                "samples": 1,
-                "derived_from": largest,
-                "mean": statistics.fmean(r["estimators"][name]["mean"] for r in runs),
-                "std_over_repeats": float("nan"),
-                "mean_sem_within": statistics.fmean(r["estimators"][name]["sem_within"] for r in runs) * largest**0.5,
-                "repeats": 0,
-            }
-        )
-        for samples, runs in reports.items():
-            means = [r["estimators"][name]["mean"] for r in runs]
-            rows.append(
-                {
-                    "estimator": name,
-                    "samples": samples,
-                    "mean": statistics.fmean(means),
-                    "std_over_repeats": statistics.stdev(means) if len(means) > 1 else float("nan"),
-                    "mean_sem_within": statistics.fmean(r["estimators"][name]["sem_within"] for r in runs),
-                    "repeats": len(runs),
-                }
-            )
-    return rows
+def row(name: str, samples: int, reports: list[dict]) -> dict:
+    """One estimator at one M: the mean of its estimates, their std over the repeats, the mean s.e."""
+    means = [r["estimators"][name]["mean"] for r in reports]
+    return {
+        "estimator": name,
+        "samples": samples,
+        "mean": statistics.fmean(means),
+        "std_over_repeats": statistics.stdev(means),
+        "mean_sem_within": statistics.fmean(r["estimators"][name]["sem_within"] for r in reports),
+        "repeats": len(reports),
+    }
+
+
+def paired_difference(first: str, second: str, reports: list[dict]) -> str:
+    """first - second over the repeats, each repeat's two estimates from the same samples: mean, s.e., t."""
+    differences = [r["estimators"][first]["mean"] - r["estimators"][second]["mean"] for r in reports]
+    mean, sem = statistics.fmean(differences), statistics.stdev(differences) / len(differences) ** 0.5
+    return f"{first} - {second} = {mean:+.4f} ± {sem:.4f} (t = {mean / sem:+.2f}, {len(differences) - 1} df)"
+
+
+def derived_single_sample(largest: dict) -> dict:
+    """The M = 1 row from the largest M's: its mean, and its standard error times sqrt(M)."""
+    scale = largest["samples"] ** 0.5
+    return {
+        **largest,
+        "samples": 1,
+        "derived_from": largest["samples"],
+        "std_over_repeats": float("nan"),
+        "mean_sem_within": largest["mean_sem_within"] * scale,
+        "repeats": 0,
+    }
+
+
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument("checkpoint", type=Path, help="a run's checkpoint")
+    parser.add_argument("--samples", type=int, nargs="+", default=[2, 5, 10], help="samples per prompt, M >= 2")
+    parser.add_argument("--repeats", type=int, default=10, help="runs per M")
+    parser.add_argument("--first-seed", type=int, default=0, help="the repeats use seeds S, S+1, ...")
+    parser.add_argument("--estimators", nargs="+", default=["mc", "rb"])
+    parser.add_argument("--output", type=Path, default=Path("kl_by_samples"), help="reports, table, checkpoint copy")
+    args, extra = parser.parse_known_args()
+    if not args.checkpoint.is_file():
+        parser.exit(2, f"error: no checkpoint at {args.checkpoint}\n")
+    if args.repeats < 2 or min(args.samples) < 2:
+        parser.exit(2, "error: --repeats and every M must be at least 2 (a spread needs two samples)\n")
+    return args, [a for a in extra if a != "--"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a run's checkpoint (its folder gets each kl_report.json)")
-    parser.add_argument("--samples", type=int, nargs="+", default=[2, 5, 10], help="samples per prompt, M >= 2")
-    parser.add_argument("--repeats", type=int, default=10, help="runs per M, seeds 0..R-1")
-    parser.add_argument("--estimators", nargs="+", default=["mc", "rb"])
-    parser.add_argument("--output", type=Path, default=Path("kl_by_samples"), help="reports and table")
-    args, extra = parser.parse_known_args()
-    extra = [a for a in extra if a != "--"]
-    if not args.checkpoint.is_file():
-        parser.exit(2, f"error: no checkpoint at {args.checkpoint}\n")
-    if run_version(args.checkpoint) is None:
-        parser.exit(
-            2, f"error: {args.checkpoint} is not in a run folder (.../version_N/checkpoints/), where the reports go\n"
-        )
-    if args.repeats < 2 or min(args.samples) < 2:
-        parser.exit(2, "error: --repeats and every M must be at least 2 (a spread needs two samples)\n")
-    args.output.mkdir(parents=True, exist_ok=True)
+    args, extra = parse_args()
+    # train.py test writes its report and config beside the checkpoint: into a copy, in a run folder of its own.
+    checkpoint = args.output / "run" / f"version_{run_version(args.checkpoint) or 0}" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(args.checkpoint, checkpoint)
     reports: dict[int, list[dict]] = {}
     total, count = len(args.samples) * args.repeats, 0
     for samples in args.samples:
-        for seed in range(args.repeats):
+        for seed in range(args.first_seed, args.first_seed + args.repeats):
             count += 1
             print(f"[{count}/{total}] M={samples} seed={seed}", flush=True)
-            reports.setdefault(samples, []).append(run_test(args.checkpoint, samples, seed, extra))
-            shutil.copy(args.checkpoint.parent.parent / "kl_report.json", args.output / f"M{samples}_seed{seed}.json")
-    rows = summarise(reports, args.estimators)
+            reports.setdefault(samples, []).append(run_test(checkpoint, samples, seed, extra))
+            shutil.copy(checkpoint.parent.parent / "kl_report.json", args.output / f"M{samples}_seed{seed}.json")
+    rows = []
+    for name in args.estimators:
+        measured = [row(name, samples, reports[samples]) for samples in args.samples]
+        rows += [derived_single_sample(max(measured, key=lambda r: r["samples"])), *measured]
     prompts = reports[args.samples[0]][0]["prompts"]
     print(f"\nKL of {args.checkpoint} against its reference, {prompts} prompts, {args.repeats} repeats per M:")
     print("| estimator | M | mean | std over repeats | mean s.e. (these prompts) |\n|---|---:|---:|---:|---:|")
-    for row in rows:
+    for r in rows:
+        derived = " (derived)" if "derived_from" in r else ""
         print(
-            f"| {row['estimator']} | {row['samples']}{' (derived)' if 'derived_from' in row else ''} "
-            f"| {row['mean']:.4f} | {row['std_over_repeats']:.4f} "
-            f"| {row['mean_sem_within']:.4f} |"
+            f"| {r['estimator']} | {r['samples']}{derived} | {r['mean']:.4f} | {r['std_over_repeats']:.4f} "
+            f"| {r['mean_sem_within']:.4f} |"
         )
+    if len(args.estimators) > 1:
+        for samples in args.samples:
+            print(f"M={samples}: " + paired_difference(*args.estimators[:2], reports[samples]))
     (args.output / "table.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "rows": rows}, indent=2))
     print(f"wrote {args.output / 'table.json'}")
 
