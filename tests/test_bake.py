@@ -26,6 +26,7 @@ PROJECT_FILES = [
     "benchmarks/engines.py",
     "benchmarks/gpu_checks.sh",
     "benchmarks/grad_variance.py",
+    "benchmarks/kl_by_samples.py",
     "benchmarks/samples_per_second.py",
     "benchmarks/sampling.py",
     "benchmarks/step.py",
