@@ -25,8 +25,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from {{ cookiecutter.package_name }}.runs.folders import run_version
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -102,7 +100,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
 def main() -> None:
     args, extra = parse_args()
     # train.py test writes its report and config beside the checkpoint: into a copy, in a run folder of its own.
-    checkpoint = args.output / "run" / f"version_{run_version(args.checkpoint) or 0}" / "checkpoints" / "last.ckpt"
+    checkpoint = args.output / "run" / "version_0" / "checkpoints" / "last.ckpt"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(args.checkpoint, checkpoint)
     reports: dict[int, list[dict]] = {}

@@ -336,6 +336,21 @@ def test_a_test_of_a_checkpoint_draws_from_the_seed_given_now(tmp_path, finished
     assert all(first[name]["mean"] != other[name]["mean"] for name in ("mc", "rb"))
 
 
+def test_kl_by_samples_repeats_the_test_on_a_copy_of_the_checkpoint(tmp_path, finished_run):
+    """benchmarks/kl_by_samples.py as a user runs it: fresh samples per repeat, the source run untouched."""
+    cwd, run = copy_of(finished_run, tmp_path)
+    before = sorted(p.name for p in run.iterdir())
+    argv = ("logs/default/version_0/checkpoints/last.ckpt", "--samples", "2", "--repeats", "2", "--output", "table")
+    result = run_script("benchmarks/kl_by_samples.py", *argv, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((cwd / "table" / f"M2_seed{seed}.json").read_text())["estimators"] for seed in (0, 1)]
+    assert reports[0]["rb"]["mean"] != reports[1]["rb"]["mean"], "each repeat draws fresh samples"
+    rows = json.loads((cwd / "table" / "table.json").read_text())["rows"]
+    assert [(r["estimator"], r["samples"]) for r in rows] == [("mc", 1), ("mc", 2), ("rb", 1), ("rb", 2)]
+    assert rows[3]["mean"] == pytest.approx((reports[0]["rb"]["mean"] + reports[1]["rb"]["mean"]) / 2)
+    assert sorted(p.name for p in run.iterdir()) == before, "the run the checkpoint came from is left as it was"
+
+
 def test_a_resumed_fit_keeps_the_checkpoint_s_seed_and_a_test_takes_the_one_given_now(tiny_trainer, tmp_path):
     from {{ cookiecutter.package_name }}.training.data import PromptDataModule
     from {{ cookiecutter.package_name }}.training.module import RBKLModule

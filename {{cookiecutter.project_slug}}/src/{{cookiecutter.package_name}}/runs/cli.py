@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from ..training.data import PromptDataModule
 from ..training.lightning_internals import ExplicitValuesWin
 from ..training.module import RBKLModule
+from ..training.options import option_groups
 from ..training.rewards import reward_config
 from .cli_errors import OneSentenceParser, refuse, report_error, yaml_syntax_error
 from .folders import (
@@ -319,8 +320,8 @@ def nulls_as_groups(argv: list[str]) -> list[str]:
 
 
 def dataclass_field(names: list[str]) -> bool:
-    """Whether model.init_args.<names...> is a field of one of the module's dataclass groups."""
-    kind = typing.get_type_hints(RBKLModule.__init__).get(names[0])
+    """Whether model.init_args.<names...> is a field of one of the module's option groups."""
+    kind = option_groups().get(names[0])
     for name in names[1:]:
         if not dataclasses.is_dataclass(kind):
             return False

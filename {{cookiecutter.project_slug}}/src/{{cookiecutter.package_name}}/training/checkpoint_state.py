@@ -60,7 +60,7 @@ def save_trained_only(checkpoint: dict[str, Any], keys: Sequence[str], run_seed:
 
 
 def load_trained_only(
-    checkpoint: dict[str, Any], keys: Sequence[str], rebuilt: Mapping[str, Any], run_seed: int, fitting: bool = True
+    checkpoint: dict[str, Any], keys: Sequence[str], rebuilt: Mapping[str, Any], run_seed: int, *, fitting: bool
 ) -> int:
     """Check a checkpoint before Lightning loads it and complete it from the rebuilt module; returns
     the run seed to draw with: a resumed fit continues the checkpoint's draws (else `run_seed`); a
